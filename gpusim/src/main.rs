@@ -1,0 +1,39 @@
+//! flota-gpusim: parse flags, bind, print the listening line, serve until SIGTERM or SIGINT.
+
+use std::io::{IsTerminal, Write};
+
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = flota_gpusim::Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    // Installed before the listening line, so a parent that signals right after reading it is heard.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    let addr = listener.local_addr()?;
+    // Parents (demo, tests, benchmarks) read this one line to learn the port.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "flota-gpusim listening on http://{addr}")?;
+    out.flush()?;
+    drop(out);
+    let config = flota_gpusim::Config::from(args);
+    tracing::info!(%addr, model = %config.model, slots = config.slots, faults = ?config.faults, "serving");
+    flota_gpusim::serve(listener, config, async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    })
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's second command: set up RabbitMQ and Redis where needed, build
+# every binary, run the whole test suite against the real services.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+./ops/ensure-services.sh --test-tools
+# Integration tests start the real binaries (gpusim, scheduler, workers).
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast "$@"

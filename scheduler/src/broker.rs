@@ -1,0 +1,73 @@
+//! The scheduler's publishing side of RabbitMQ: one connection, one confirm
+//! channel, rebuilt on demand when the broker went away.
+
+use std::sync::Arc;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{FieldTable, ShortString};
+use tokio::sync::Mutex;
+
+use flota_shared::amqp::{self, Publisher, Topology};
+use flota_shared::config::Config;
+
+#[derive(Clone)]
+pub struct Broker {
+    config: Config,
+    topo: Topology,
+    current: Arc<Mutex<Option<(lapin::Connection, Publisher)>>>,
+}
+
+impl Broker {
+    pub fn new(config: &Config) -> Broker {
+        Broker {
+            config: config.clone(),
+            topo: Topology::new(&config.prefix),
+            current: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    /// A connected publisher: the current one, or a new connection (topology re-declared).
+    pub async fn publisher(&self) -> anyhow::Result<Publisher> {
+        let mut current = self.current.lock().await;
+        if let Some((conn, publisher)) = current.as_ref()
+            && conn.status().connected()
+            && publisher.is_connected()
+        {
+            return Ok(publisher.clone());
+        }
+        let conn = amqp::connect(&self.config, "flota-scheduler publish").await?;
+        let publisher = Publisher::open(&conn).await?;
+        amqp::declare_topology(publisher.channel(), &self.topo, self.config.delivery_limit).await?;
+        *current = Some((conn, publisher.clone()));
+        Ok(publisher)
+    }
+
+    pub async fn is_connected(&self) -> bool {
+        self.publisher().await.is_ok()
+    }
+
+    /// Depth and consumers of a queue, by passive declare (on a throwaway
+    /// channel: a passive declare of a missing queue closes its channel).
+    pub async fn queue_info(&self, queue: &str) -> anyhow::Result<(u32, u32)> {
+        self.publisher().await?;
+        let channel = {
+            let current = self.current.lock().await;
+            let Some((conn, _)) = current.as_ref() else { anyhow::bail!("not connected to RabbitMQ") };
+            conn.create_channel().await?
+        };
+        let q = channel
+            .queue_declare(
+                ShortString::from(queue.to_string()),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, ShortString::from("done")).await;
+        let q = q?;
+        Ok((q.message_count(), q.consumer_count()))
+    }
+}

@@ -1,0 +1,144 @@
+//! `flotactl submit`: one envelope, a JSON array, or JSONL, from a file or
+//! stdin; each validated, the valid ones published straight to RabbitMQ with
+//! a window of outstanding confirms; invalid ones reported per line, never published.
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde_json::Value;
+
+use flota_shared::amqp::{self, Publisher, Topology};
+use flota_shared::config::Config;
+use flota_shared::envelope::{self, TaskEnvelope};
+use flota_shared::telemetry::TraceParent;
+
+/// Confirms awaited at once.
+pub const WINDOW: usize = 512;
+
+/// One input item: where it came from and what it holds.
+#[derive(Debug)]
+pub struct Item {
+    /// 1-based line (JSONL) or array index + 1.
+    pub line: usize,
+    pub value: Result<Value, String>,
+}
+
+/// Split input into items: a JSON array, one JSON object, or JSON Lines (pure).
+pub fn split_input(text: &str) -> Vec<Item> {
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        return match serde_json::from_str::<Value>(trimmed) {
+            Ok(Value::Array(items)) => {
+                items.into_iter().enumerate().map(|(i, v)| Item { line: i + 1, value: Ok(v) }).collect()
+            }
+            Ok(_) => vec![Item { line: 1, value: Err("expected a JSON array".into()) }],
+            Err(e) => vec![Item { line: 1, value: Err(format!("not valid JSON: {e}")) }],
+        };
+    }
+    if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(trimmed) {
+        return vec![Item { line: 1, value: Ok(v) }];
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| Item {
+            line: i + 1,
+            value: serde_json::from_str(l).map_err(|e| format!("not valid JSON: {e}")),
+        })
+        .collect()
+}
+
+/// Validate every item; the valid envelopes, and `line (id X): problems` for the rest.
+pub fn validate(items: Vec<Item>) -> (Vec<TaskEnvelope>, Vec<String>) {
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for item in items {
+        let result = item.value.and_then(|v| {
+            let size = serde_json::to_vec(&v).map(|b| b.len()).unwrap_or(0);
+            if size > envelope::MAX_BODY_BYTES {
+                return Err(format!(
+                    "payload_too_large: {size} bytes, the limit is {}",
+                    envelope::MAX_BODY_BYTES
+                ));
+            }
+            envelope::validate_value(v).map_err(|r| {
+                format!(
+                    "{}{}",
+                    r.id.map(|id| format!("(id {id}) ")).unwrap_or_default(),
+                    r.problems.join("; ")
+                )
+            })
+        });
+        match result {
+            Ok(t) => ok.push(t),
+            Err(why) => bad.push(format!("line {}: {why}", item.line)),
+        }
+    }
+    (ok, bad)
+}
+
+/// Publish with a window of outstanding confirms; calls `progress` per confirm.
+pub async fn publish_all(
+    config: &Config,
+    tasks: &[TaskEnvelope],
+    progress: impl Fn(),
+) -> anyhow::Result<usize> {
+    let conn = amqp::connect(config, "flotactl submit").await?;
+    let publisher = Publisher::open(&conn).await?;
+    let topo = Topology::new(&config.prefix);
+    amqp::declare_topology(publisher.channel(), &topo, config.delivery_limit).await?;
+    let exchange = topo.tasks_exchange();
+    let mut window = FuturesUnordered::new();
+    let mut done = 0;
+    for t in tasks {
+        let (publisher, exchange) = (publisher.clone(), exchange.clone());
+        let body = t.to_json();
+        let props = amqp::task_properties(&t.id, &TraceParent::new_root().header(), 0);
+        let kind = t.kind.as_str();
+        window.push(async move { publisher.publish(&exchange, kind, &body, props).await });
+        while window.len() >= WINDOW {
+            if let Some(r) = window.next().await {
+                r?;
+                done += 1;
+                progress();
+            }
+        }
+    }
+    while let Some(r) = window.next().await {
+        r?;
+        done += 1;
+        progress();
+    }
+    let _ = conn.close(200, lapin::types::ShortString::from("done")).await;
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_detected() {
+        let one = r#"{"id":"a","kind":"interpret","input":{"message":"hola"}}"#;
+        assert_eq!(split_input(one).len(), 1);
+        let array = format!("[{one},{one}]");
+        assert_eq!(split_input(&array).len(), 2);
+        let jsonl = format!("{one}\n\n{one}\nnot json\n");
+        let items = split_input(&jsonl);
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[2].line, 4);
+        assert!(items[2].value.is_err());
+        // A pretty-printed single object spanning lines is one item, not JSONL.
+        let pretty =
+            "{\n  \"id\": \"a\",\n  \"kind\": \"interpret\",\n  \"input\": {\"message\": \"hola\"}\n}";
+        assert_eq!(split_input(pretty).len(), 1);
+    }
+
+    #[test]
+    fn invalid_lines_are_reported_with_their_line_and_id() {
+        let text = "{\"id\":\"ok\",\"kind\":\"interpret\",\"input\":{\"message\":\"hola\"}}\n{\"id\":\"bad\",\"kind\":\"nope\",\"input\":{}}\n";
+        let (ok, bad) = validate(split_input(text));
+        assert_eq!(ok.len(), 1);
+        assert_eq!(bad.len(), 1);
+        assert!(bad[0].starts_with("line 2: (id bad)"), "{}", bad[0]);
+    }
+}

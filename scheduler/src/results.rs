@@ -1,0 +1,405 @@
+//! Consumes `P.results` (and `plan.approved` events): records each task's
+//! result once, releases or fails its dependents, publishes the plan and
+//! failure events. A supervisor loop reconnects, re-declares, re-applies
+//! prefetch and re-consumes after any connection or consumer error; a
+//! delivery is acked only after the record is in Redis, on its own channel.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use flota_shared::amqp::{self, HEADER_ERROR, HEADER_REASON, Topology, long_string, with_headers};
+use flota_shared::envelope::{ErrorCode, Intent, InterpretOutput, Kind, ResultEnvelope, Status};
+use flota_shared::telemetry::TraceParent;
+
+use crate::plans::{self, PlanApproved};
+use crate::state::AppState;
+
+/// Results are small: a deep prefetch keeps the scheduler from being the bottleneck.
+pub const PREFETCH: u16 = 512;
+/// Tries at recording one result before it goes back to its queue. A
+/// nack-requeue counts toward the queue's delivery limit, so a Redis restart
+/// is waited out here (about 11 s per delivery) rather than by requeueing.
+const RECORD_ATTEMPTS: u32 = 10;
+const RECORD_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const RECORD_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// The supervisor's reconnect backoff, and how long a session must have run
+/// for the next failure to start again from the first delay.
+const RECONNECT_FIRST: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+
+pub fn plans_queue(topo: &Topology) -> String {
+    format!("{}.plans", topo.prefix())
+}
+
+/// Run until `shutdown`; then stop consuming and finish the deliveries in hand.
+pub async fn run(state: AppState, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let mut delay = RECONNECT_FIRST;
+    while !shutdown.is_cancelled() {
+        let began = tokio::time::Instant::now();
+        match session(&state, &shutdown, &tracker).await {
+            Ok(()) => break,
+            Err(e) => {
+                if began.elapsed() >= HEALTHY_SESSION {
+                    delay = RECONNECT_FIRST;
+                }
+                tracing::warn!(message = "Results session ended; reconnecting.", error = %e, delay_ms = delay.as_millis() as u64);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                delay = next_delay(delay, RECONNECT_MAX);
+            }
+        }
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(state.config.shutdown_grace, tracker.wait()).await;
+}
+
+async fn session(
+    state: &AppState,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    let topo = state.broker.topology().clone();
+    let conn = amqp::connect(&state.config, "flota-scheduler consume").await?;
+    let channel = conn.create_channel().await?;
+    amqp::declare_topology(&channel, &topo, state.config.delivery_limit).await?;
+    // The scheduler's own queue for approved plans.
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(topo.dead_letter_exchange().into()),
+    );
+    channel
+        .queue_declare(
+            ShortString::from(plans_queue(&topo)),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            args,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            ShortString::from(plans_queue(&topo)),
+            ShortString::from(topo.events_exchange()),
+            ShortString::from(plans::EVENT_APPROVED),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let results = channel
+        .basic_consume(
+            ShortString::from(topo.results_queue()),
+            ShortString::from("flota-scheduler"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let plans_channel = conn.create_channel().await?;
+    plans_channel.basic_qos(16, BasicQosOptions::default()).await?;
+    let approved = plans_channel
+        .basic_consume(
+            ShortString::from(plans_queue(&topo)),
+            ShortString::from("flota-scheduler-plans"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut deliveries = futures::stream::select(results.map(|d| (false, d)), approved.map(|d| (true, d)));
+    tracing::info!(message = "Consuming results.", prefix = %topo.prefix());
+
+    let outcome = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            next = deliveries.next() => match next {
+                Some((is_plan, Ok(delivery))) => {
+                    let (state, shutdown) = (state.clone(), shutdown.clone());
+                    tracker.spawn(async move {
+                        if is_plan { handle_plan(&state, delivery).await } else { handle_result(&state, delivery, &shutdown).await }
+                    });
+                }
+                Some((_, Err(e))) => break Err(anyhow::anyhow!("consumer error: {e}")),
+                None => break Err(anyhow::anyhow!("consumer stream ended")),
+            }
+        }
+    };
+    if outcome.is_ok() {
+        tracker.close();
+        let _ = tokio::time::timeout(state.config.shutdown_grace, tracker.wait()).await;
+        let _ = conn.close(200, ShortString::from("shutdown")).await;
+    }
+    outcome
+}
+
+async fn dead_letter(
+    state: &AppState,
+    delivery: &Delivery,
+    reason: ErrorCode,
+    error: &str,
+) -> anyhow::Result<()> {
+    let props = with_headers(
+        &delivery.properties,
+        &[(HEADER_REASON, long_string(reason.as_str())), (HEADER_ERROR, long_string(error))],
+    );
+    state
+        .broker
+        .publisher()
+        .await?
+        .publish(&state.broker.topology().dead_letter_exchange(), "", &delivery.data, props)
+        .await?;
+    Ok(())
+}
+
+async fn retry_later(delivery: Delivery) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+}
+
+/// Doubled, up to `max` (pure).
+pub fn next_delay(delay: Duration, max: Duration) -> Duration {
+    (delay * 2).min(max)
+}
+
+async fn handle_result(state: &AppState, delivery: Delivery, shutdown: &CancellationToken) {
+    let result: ResultEnvelope = match serde_json::from_slice(&delivery.data) {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!("not a result envelope: {e}");
+            tracing::warn!(message = "Unreadable result dead-lettered.", error = %why);
+            match dead_letter(state, &delivery, ErrorCode::InvalidTask, &why).await {
+                Ok(()) => {
+                    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                }
+                Err(_) => retry_later(delivery).await,
+            }
+            return;
+        }
+    };
+    let first = match record(state, &result, &delivery.data, shutdown).await {
+        Ok(first) => first,
+        Err(e) => {
+            tracing::warn!(message = "Cannot record result; Redis unavailable. Returning it to the queue.", task_id = %result.id, trace_id = %result.trace_id, error = %e);
+            return retry_later(delivery).await;
+        }
+    };
+    if first {
+        on_first_record(state, &result, &delivery.data).await;
+    } else {
+        state.metrics.duplicates.inc();
+    }
+    // Idempotent, so done on duplicates too: a crash between record and release is healed here.
+    if let Err(e) = state.deps.on_recorded(&result.id, result.status).await {
+        tracing::warn!(message = "Cannot release dependents yet.", task_id = %result.id, trace_id = %result.trace_id, error = %e);
+        return retry_later(delivery).await;
+    }
+    if let Err(e) = plans::on_result(&state.store, &state.broker, &result).await {
+        tracing::warn!(message = "Plan events not published yet.", task_id = %result.id, trace_id = %result.trace_id, error = %e);
+        return retry_later(delivery).await;
+    }
+    // Only now, on the channel it came from (its acker), is the result the scheduler's.
+    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+}
+
+/// `store.record` (once per id, in Lua), retried in place with backoff while
+/// Redis is away; gives up early on shutdown so the drain is not held up.
+async fn record(
+    state: &AppState,
+    result: &ResultEnvelope,
+    body: &[u8],
+    shutdown: &CancellationToken,
+) -> Result<bool, flota_shared::store::StoreError> {
+    let body = String::from_utf8_lossy(body);
+    let mut delay = RECORD_BACKOFF_FIRST;
+    let mut attempt = 1;
+    loop {
+        match state.store.record(&result.id, result.status.as_str(), &body).await {
+            Ok(first) => return Ok(first),
+            Err(e) if attempt >= RECORD_ATTEMPTS || shutdown.is_cancelled() => return Err(e),
+            Err(e) => {
+                tracing::debug!(message = "Record failed; retrying.", task_id = %result.id, attempt, error = %e);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                delay = next_delay(delay, RECORD_BACKOFF_MAX);
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// The hook for what happens once per task id, when its result is first
+/// recorded: metrics, the dashboard's activity and, for a failure, the
+/// `task.failed` event. (Dependents are released after it, idempotently, on
+/// every delivery: see [`handle_result`].)
+async fn on_first_record(state: &AppState, result: &ResultEnvelope, body: &[u8]) {
+    count(state, result);
+    tracing::info!(message = "Result recorded.", task_id = %result.id, trace_id = %result.trace_id, status = result.status.as_str());
+    if result.status != Status::Failed {
+        return;
+    }
+    let tp = trace_of(result).child();
+    let published = match state.broker.publisher().await {
+        Ok(p) => p
+            .publish(
+                &state.broker.topology().events_exchange(),
+                plans::EVENT_TASK_FAILED,
+                body,
+                amqp::message_properties(&result.id, &tp.header()),
+            )
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    // Best effort: the failure itself is recorded; the event is a notification.
+    if let Err(e) = published {
+        tracing::warn!(message = "task.failed event not published.", task_id = %result.id, trace_id = %result.trace_id, error = %e);
+    }
+}
+
+/// The result's trace, continued (a new root if its trace id is not valid).
+fn trace_of(result: &ResultEnvelope) -> TraceParent {
+    // The span id is a placeholder: only the trace id travels in a result.
+    TraceParent::parse(&format!("00-{}-{}-01", result.trace_id, "1".repeat(16)))
+        .unwrap_or_else(TraceParent::new_root)
+}
+
+/// Metrics and the dashboard's activity, once per task id.
+fn count(state: &AppState, r: &ResultEnvelope) {
+    let m = &state.metrics;
+    m.recorded
+        .get_or_create(&crate::metrics::KindStatus {
+            kind: r.kind.to_string(),
+            status: r.status.as_str().into(),
+        })
+        .inc();
+    if let Some(code) = r.error_code() {
+        m.failures.get_or_create(&crate::metrics::CodeLabel { code: code.to_string() }).inc();
+    }
+    match r.kind {
+        Kind::Interpret => {
+            if let Some(ms) = crate::activity::duration_ms(&r.started_at, &r.finished_at) {
+                m.interpreter_latency.observe(ms as f64 / 1000.0);
+            }
+            if let Some(out) =
+                r.output.clone().and_then(|o| serde_json::from_value::<InterpretOutput>(o).ok())
+            {
+                match out.intent {
+                    Intent::OpenWork => m.works_opened.inc(),
+                    Intent::Confirm => m.semantic_confirmations.inc(),
+                    _ => 0,
+                };
+            }
+        }
+        Kind::Deliberate => {
+            if r.status == Status::Succeeded {
+                m.proposals_accepted.inc();
+            }
+        }
+    }
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    state.activity.record(r, now);
+}
+
+async fn handle_plan(state: &AppState, delivery: Delivery) {
+    let plan: Result<PlanApproved, String> =
+        serde_json::from_slice(&delivery.data).map_err(|e| format!("not a plan.approved event: {e}"));
+    let plan = plan.and_then(|p| {
+        let problems = p.problems();
+        if problems.is_empty() { Ok(p) } else { Err(problems.join("; ")) }
+    });
+    let plan = match plan {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::warn!(message = "Invalid plan.approved event dead-lettered.", error = %why);
+            match dead_letter(state, &delivery, ErrorCode::InvalidTask, &why).await {
+                Ok(()) => {
+                    let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                }
+                Err(_) => retry_later(delivery).await,
+            }
+            return;
+        }
+    };
+    let tp = TraceParent::parse_or_new(
+        amqp::header_str(&delivery.properties, amqp::HEADER_TRACEPARENT).as_deref(),
+    );
+    match plans::dispatch(&state.store, &state.broker, &plan, &tp).await {
+        Ok(ids) => {
+            tracing::info!(message = "Plan dispatched.", plan_id = %plan.plan_id, deliberations = ids.len(), trace_id = %tp.trace_id);
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        }
+        Err(e) => {
+            tracing::warn!(message = "Plan not dispatched yet.", plan_id = %plan.plan_id, error = %e);
+            retry_later(delivery).await;
+        }
+    }
+}
+
+/// Keep the queue gauges, parked count and live workers current for `/metrics`.
+pub async fn refresh_gauges(state: AppState, shutdown: CancellationToken) {
+    loop {
+        for q in state.broker.topology().all_queues() {
+            if let Ok((messages, consumers)) = state.broker.queue_info(&q).await {
+                let label = crate::metrics::QueueLabel { queue: q };
+                state.metrics.queue_messages.get_or_create(&label).set(messages as i64);
+                state.metrics.queue_consumers.get_or_create(&label).set(consumers as i64);
+            }
+        }
+        if let Ok(n) = state.store.parked_count().await {
+            state.metrics.parked.set(n as i64);
+        }
+        if let Ok(w) = state.store.workers().await {
+            state.metrics.live_workers.set(w.len() as i64);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let mut d = RECORD_BACKOFF_FIRST;
+        let mut total = Duration::ZERO;
+        for _ in 1..RECORD_ATTEMPTS {
+            total += d;
+            d = next_delay(d, RECORD_BACKOFF_MAX);
+            assert!(d <= RECORD_BACKOFF_MAX);
+        }
+        // Long enough to ride out a Redis restart before touching the delivery limit.
+        assert!(total >= Duration::from_secs(10), "{total:?}");
+    }
+
+    #[test]
+    fn a_results_trace_is_continued() {
+        let mut r: ResultEnvelope = serde_json::from_value(serde_json::json!({
+            "v": 1, "id": "a", "kind": "interpret", "status": "failed", "output": null,
+            "error": {"code": "gpu_unavailable", "message": "m"}, "attempts": 1, "worker": "w",
+            "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "started_at": "", "finished_at": "",
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0}
+        }))
+        .unwrap();
+        assert_eq!(trace_of(&r).trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        r.trace_id = "not hex".into();
+        assert_eq!(trace_of(&r).trace_id.len(), 32);
+    }
+}

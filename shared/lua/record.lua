@@ -1,0 +1,12 @@
+-- The scheduler records a result once per task id.
+-- KEYS[1] task hash
+-- ARGV[1] status, ARGV[2] result json, ARGV[3] now
+-- Returns 1 when this is the first record of the task's result, 0 for a duplicate.
+if redis.call('HGET', KEYS[1], 'recorded') == '1' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'recorded', '1', 'updated_at', ARGV[3])
+if not redis.call('HGET', KEYS[1], 'result') then
+  redis.call('HSET', KEYS[1], 'result', ARGV[2])
+end
+return 1

@@ -1,0 +1,358 @@
+//! RabbitMQ: connections, the contract's topology, confirmed publishing and
+//! the message headers Flota uses.
+//!
+//! Every process declares what it uses at start (declarations are idempotent).
+//! Publishing always goes through [`Publisher`], which puts its channel in
+//! confirm mode: `publish` returns only once the broker has taken the message,
+//! and many publishes may await their confirms at once (the confirm window is
+//! the number of concurrent callers), so there is no round trip per message.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::{Config, redact_url};
+use crate::envelope::Kind;
+
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Attempts already spent on this task (0 on first publish); travels through retry queues.
+pub const HEADER_ATTEMPT: &str = "x-flota-attempt";
+pub const HEADER_REASON: &str = "x-flota-reason";
+pub const HEADER_ERROR: &str = "x-flota-error";
+/// Set by RabbitMQ on quorum-queue redeliveries.
+pub const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
+/// The queue a dead letter came from (set by Flota when it dead-letters itself).
+pub const HEADER_SOURCE_QUEUE: &str = "x-flota-queue";
+
+/// Delay tiers for retries: a message waits in `P.retry.<kind>.<tier>` until its
+/// TTL expires and RabbitMQ dead-letters it back to `P.tasks` with its kind as key.
+/// Fixed per-queue TTLs avoid the head-of-line blocking of per-message TTLs.
+pub const RETRY_TIERS_MS: [u64; 5] = [1_000, 4_000, 16_000, 64_000, 256_000];
+
+/// Names of every exchange and queue under a prefix: built in one place only.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: &str) -> Topology {
+        Topology { prefix: prefix.to_string() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.prefix)
+    }
+    pub fn work_queue(&self, kind: Kind) -> String {
+        format!("{}.{}", self.prefix, kind.as_str())
+    }
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+    pub fn results_queue(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+    pub fn retry_queue(&self, kind: Kind, tier_ms: u64) -> String {
+        format!("{}.retry.{}.{}ms", self.prefix, kind.as_str(), tier_ms)
+    }
+
+    /// Every queue Flota declares under this prefix, in display order.
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut q = vec![
+            self.work_queue(Kind::Interpret),
+            self.work_queue(Kind::Deliberate),
+            self.results_queue(),
+            self.dead_queue(),
+        ];
+        for kind in Kind::ALL {
+            for tier in RETRY_TIERS_MS {
+                q.push(self.retry_queue(kind, tier));
+            }
+        }
+        q
+    }
+
+    pub fn all_exchanges(&self) -> Vec<String> {
+        vec![
+            self.tasks_exchange(),
+            self.results_exchange(),
+            self.dead_letter_exchange(),
+            self.events_exchange(),
+        ]
+    }
+}
+
+/// The smallest retry tier that is at least `delay`, or the largest.
+pub fn retry_tier_for(delay: Duration) -> u64 {
+    let ms = delay.as_millis() as u64;
+    RETRY_TIERS_MS.iter().copied().find(|t| *t >= ms).unwrap_or(RETRY_TIERS_MS[RETRY_TIERS_MS.len() - 1])
+}
+
+fn s(v: impl Into<String>) -> ShortString {
+    ShortString::from(v.into())
+}
+
+/// Connect with a name the broker's management UI shows, honouring a private CA.
+pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
+    let tls = tls_config(config)?;
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connect_with_config(&config.amqp_url, props, tls, runtime)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {}: {e}", redact_url(&config.amqp_url)))
+}
+
+fn tls_config(config: &Config) -> anyhow::Result<OwnedTLSConfig> {
+    let cert_chain = match &config.tls_ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read FLOTA_TLS_CA_FILE {path}: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(OwnedTLSConfig { identity: None, cert_chain })
+}
+
+/// Quorum queue arguments shared by every work queue.
+fn quorum_args(dead_letter_exchange: &str, delivery_limit: Option<u32>) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(s("x-queue-type"), AMQPValue::LongString("quorum".into()));
+    if !dead_letter_exchange.is_empty() {
+        args.insert(s("x-dead-letter-exchange"), AMQPValue::LongString(dead_letter_exchange.into()));
+    }
+    if let Some(limit) = delivery_limit {
+        args.insert(s("x-delivery-limit"), AMQPValue::LongInt(limit as i32));
+    }
+    args
+}
+
+/// Declare the whole topology of the contract (idempotent).
+pub async fn declare_topology(channel: &Channel, topo: &Topology, delivery_limit: u32) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let qdurable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let none = FieldTable::default;
+    // Tasks nobody routes (an unknown kind as routing key) go to the dead letters, not nowhere.
+    let mut tasks_args = FieldTable::default();
+    tasks_args.insert(s("alternate-exchange"), AMQPValue::LongString(topo.dead_letter_exchange().into()));
+    channel.exchange_declare(s(topo.tasks_exchange()), ExchangeKind::Direct, durable, tasks_args).await?;
+    channel.exchange_declare(s(topo.results_exchange()), ExchangeKind::Fanout, durable, none()).await?;
+    channel.exchange_declare(s(topo.dead_letter_exchange()), ExchangeKind::Fanout, durable, none()).await?;
+    channel.exchange_declare(s(topo.events_exchange()), ExchangeKind::Topic, durable, none()).await?;
+
+    channel.queue_declare(s(topo.dead_queue()), qdurable, quorum_args("", None)).await?;
+    channel
+        .queue_bind(
+            s(topo.dead_queue()),
+            s(topo.dead_letter_exchange()),
+            s(""),
+            QueueBindOptions::default(),
+            none(),
+        )
+        .await?;
+
+    channel
+        .queue_declare(
+            s(topo.results_queue()),
+            qdurable,
+            quorum_args(&topo.dead_letter_exchange(), Some(delivery_limit)),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            s(topo.results_queue()),
+            s(topo.results_exchange()),
+            s(""),
+            QueueBindOptions::default(),
+            none(),
+        )
+        .await?;
+
+    for kind in Kind::ALL {
+        let q = topo.work_queue(kind);
+        channel
+            .queue_declare(
+                s(q.clone()),
+                qdurable,
+                quorum_args(&topo.dead_letter_exchange(), Some(delivery_limit)),
+            )
+            .await?;
+        channel
+            .queue_bind(s(q), s(topo.tasks_exchange()), s(kind.as_str()), QueueBindOptions::default(), none())
+            .await?;
+        for tier in RETRY_TIERS_MS {
+            // Expired messages go back to P.tasks with the kind as routing key.
+            let mut args = quorum_args(&topo.tasks_exchange(), None);
+            args.insert(s("x-message-ttl"), AMQPValue::LongLongInt(tier as i64));
+            args.insert(s("x-dead-letter-routing-key"), AMQPValue::LongString(kind.as_str().into()));
+            channel.queue_declare(s(topo.retry_queue(kind, tier)), qdurable, args).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Why a publish did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker refused the message (nack)")]
+    Nacked,
+    #[error("publish failed: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// A channel in confirm mode. Clone freely; clones share the channel.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn open(conn: &Connection) -> lapin::Result<Publisher> {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Publisher { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Publish and wait for the broker's confirm. Returns only when the message
+    /// is durably the broker's (persistent message on a quorum queue).
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = self
+            .channel
+            .basic_publish(s(exchange), s(routing_key), BasicPublishOptions::default(), body, properties)
+            .await?;
+        match confirm.await? {
+            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+        }
+    }
+}
+
+/// Properties of a task message: JSON, persistent, id, trace context, attempt.
+pub fn task_properties(id: &str, traceparent: &str, attempt: u32) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(s(HEADER_TRACEPARENT), AMQPValue::LongString(traceparent.into()));
+    headers.insert(s(HEADER_ATTEMPT), AMQPValue::LongInt(attempt as i32));
+    json_properties(id).with_headers(headers)
+}
+
+/// Properties of a result or event message.
+pub fn message_properties(id: &str, traceparent: &str) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(s(HEADER_TRACEPARENT), AMQPValue::LongString(traceparent.into()));
+    json_properties(id).with_headers(headers)
+}
+
+fn json_properties(id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(s("application/json"))
+        .with_delivery_mode(2)
+        .with_message_id(s(id))
+        .with_timestamp(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        )
+}
+
+/// A copy of `properties` with extra string headers (dead letters, retries).
+pub fn with_headers(properties: &BasicProperties, extra: &[(&str, AMQPValue)]) -> BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    for (k, v) in extra {
+        headers.insert(s(*k), v.clone());
+    }
+    properties.clone().with_headers(headers)
+}
+
+pub fn header_str(properties: &BasicProperties, name: &str) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        AMQPValue::ShortString(v) => Some(v.as_str().to_string()),
+        _ => None,
+    }
+}
+
+pub fn header_int(properties: &BasicProperties, name: &str) -> Option<i64> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => Some(*v as i64),
+        AMQPValue::ShortShortUInt(v) => Some(*v as i64),
+        AMQPValue::ShortInt(v) => Some(*v as i64),
+        AMQPValue::ShortUInt(v) => Some(*v as i64),
+        AMQPValue::LongInt(v) => Some(*v as i64),
+        AMQPValue::LongUInt(v) => Some(*v as i64),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    }
+}
+
+pub fn long_string(v: &str) -> AMQPValue {
+    AMQPValue::LongString(v.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_live_under_the_prefix() {
+        let t = Topology::new("p1");
+        assert_eq!(t.tasks_exchange(), "p1.tasks");
+        assert_eq!(t.work_queue(Kind::Interpret), "p1.interpret");
+        assert_eq!(t.work_queue(Kind::Deliberate), "p1.deliberate");
+        assert_eq!(t.results_queue(), "p1.results");
+        assert_eq!(t.dead_queue(), "p1.dead");
+        assert_eq!(t.dead_letter_exchange(), "p1.dlx");
+        assert_eq!(t.events_exchange(), "p1.events");
+        assert!(t.all_queues().iter().all(|q| q.starts_with("p1.")));
+    }
+
+    #[test]
+    fn retry_tiers_round_up() {
+        assert_eq!(retry_tier_for(Duration::from_millis(10)), 1_000);
+        assert_eq!(retry_tier_for(Duration::from_millis(1_500)), 4_000);
+        assert_eq!(retry_tier_for(Duration::from_secs(10_000)), 256_000);
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let p = task_properties("id-1", "00-abc-def-01", 2);
+        assert_eq!(header_str(&p, HEADER_TRACEPARENT).as_deref(), Some("00-abc-def-01"));
+        assert_eq!(header_int(&p, HEADER_ATTEMPT), Some(2));
+        let p = with_headers(&p, &[(HEADER_REASON, long_string("invalid_task"))]);
+        assert_eq!(header_str(&p, HEADER_REASON).as_deref(), Some("invalid_task"));
+        assert_eq!(header_int(&p, HEADER_ATTEMPT), Some(2));
+    }
+}

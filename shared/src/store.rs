@@ -1,0 +1,737 @@
+//! Redis: the connection pool, every key name (built here and nowhere else),
+//! and one typed wrapper per Lua script in `shared/lua/`.
+//!
+//! Task state changes only through those scripts, so every check-then-act is
+//! atomic. Keys carry a `{prefix}` hash tag so a script's keys share one slot
+//! on a Redis Cluster too.
+
+use std::time::Duration;
+
+use deadpool_redis::{Pool, Runtime};
+pub use redis;
+use redis::Script;
+
+use crate::config::{Config, redact_url};
+
+/// Key names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    tag: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys { tag: format!("{{{prefix}}}") }
+    }
+
+    /// Task state hash: status, kind, worker, fence, result, recorded, timestamps.
+    pub fn task(&self, id: &str) -> String {
+        format!("{}:task:{id}", self.tag)
+    }
+    /// The per-task execution lock (random token, leased).
+    pub fn task_lock(&self, id: &str) -> String {
+        format!("{}:lock:task:{id}", self.tag)
+    }
+    /// A `lock_keys` resource lock.
+    pub fn resource_lock(&self, key: &str) -> String {
+        format!("{}:lock:res:{key}", self.tag)
+    }
+    /// The fencing counter shared by all tasks.
+    pub fn fence_counter(&self) -> String {
+        format!("{}:fence", self.tag)
+    }
+    /// Attempts / applies / fenced counts of a task, so tests can prove "applied once".
+    pub fn ledger(&self, id: &str) -> String {
+        format!("{}:ledger:{id}", self.tag)
+    }
+    /// The `{prefix}` hash tag; Lua scripts build dependency keys from it.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+    /// Parked tasks by dependency deadline (zset id → ms since epoch).
+    pub fn parked_index(&self) -> String {
+        format!("{}:parked", self.tag)
+    }
+    /// Released tasks not yet republished (hash id → body): the crash-safe hand-off.
+    pub fn releasing(&self) -> String {
+        format!("{}:releasing", self.tag)
+    }
+    /// Tasks failed by a dependency not yet reported (hash id → body).
+    pub fn failing(&self) -> String {
+        format!("{}:failing", self.tag)
+    }
+    /// Fleet-wide GPU admission: leases of requests in flight (zset token → expiry ms).
+    pub fn gpu_inflight(&self) -> String {
+        format!("{}:gpu:inflight", self.tag)
+    }
+    /// Set while the fleet's GPU breaker is open (expires after the open period).
+    pub fn breaker_open(&self) -> String {
+        format!("{}:breaker:open", self.tag)
+    }
+    /// Held by the one replica probing a recovering GPU server.
+    pub fn breaker_probe(&self) -> String {
+        format!("{}:breaker:probe", self.tag)
+    }
+    /// Councils by role (hash role → council JSON).
+    pub fn councils(&self) -> String {
+        format!("{}:councils", self.tag)
+    }
+    /// Finished agent calls of a deliberation, so a redelivery resumes (hash).
+    pub fn checkpoint(&self, id: &str) -> String {
+        format!("{}:ckpt:{id}", self.tag)
+    }
+    /// An approved plan: its event, as dispatched (JSON).
+    pub fn plan(&self, id: &str) -> String {
+        format!("{}:plan:{id}", self.tag)
+    }
+    /// Completion events already published for a plan (hash role → 1, `plan` → 1).
+    pub fn plan_events(&self, id: &str) -> String {
+        format!("{}:plan-events:{id}", self.tag)
+    }
+    /// A live worker's heartbeat (JSON, with a TTL).
+    pub fn worker(&self, id: &str) -> String {
+        format!("{}:worker:{id}", self.tag)
+    }
+    /// Pattern of all heartbeats.
+    pub fn workers_pattern(&self) -> String {
+        format!("{}:worker:*", self.tag)
+    }
+    /// Every key of this prefix matches this pattern (cleanup in tests and tools).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.tag)
+    }
+}
+
+/// A pool whose waits, connects and replies time out, so a dead or
+/// black-holed Redis turns into errors, not hangs. `rediss://` verifies the
+/// server against the system roots, or against `FLOTA_TLS_CA_FILE` when set;
+/// a certificate that does not verify is refused, never downgraded.
+pub fn pool(config: &Config, max_size: usize) -> anyhow::Result<Pool> {
+    let bad =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("bad Redis URL {}: {e}", redact_url(&config.redis_url));
+    let info = match (&config.tls_ca_file, config.redis_url.starts_with("rediss://")) {
+        (Some(ca), true) => {
+            let root_cert =
+                std::fs::read(ca).map_err(|e| anyhow::anyhow!("cannot read FLOTA_TLS_CA_FILE {ca}: {e}"))?;
+            let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+                (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                    client_cert: std::fs::read(cert)?,
+                    client_key: std::fs::read(key)?,
+                }),
+                _ => None,
+            };
+            let client = redis::Client::build_with_tls(
+                config.redis_url.as_str(),
+                redis::TlsCertificates { client_tls, root_cert: Some(root_cert) },
+            )
+            .map_err(|e| bad(&e))?;
+            client.get_connection_info().clone()
+        }
+        _ => {
+            redis::IntoConnectionInfo::into_connection_info(config.redis_url.as_str()).map_err(|e| bad(&e))?
+        }
+    };
+    let timeouts = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(5)));
+    let manager = deadpool_redis::Manager::new_with_config(info, timeouts).map_err(|e| bad(&e))?;
+    Pool::builder(manager)
+        .max_size(max_size)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| bad(&e))
+}
+
+/// Errors of the store: the pool (Redis unreachable) or a command.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis pool: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from script {0}")]
+    Reply(&'static str),
+}
+
+/// The Lua scripts, loaded once (EVALSHA with automatic fallback to EVAL).
+pub struct Scripts {
+    pub claim: Script,
+    pub finish: Script,
+    pub unlock: Script,
+    pub extend: Script,
+    pub record: Script,
+    pub submit: Script,
+    pub park: Script,
+    pub release: Script,
+    pub expire: Script,
+    pub store_result: Script,
+    pub admit: Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Scripts {
+            claim: Script::new(include_str!("../lua/claim.lua")),
+            finish: Script::new(include_str!("../lua/finish.lua")),
+            unlock: Script::new(include_str!("../lua/unlock.lua")),
+            extend: Script::new(include_str!("../lua/extend.lua")),
+            record: Script::new(include_str!("../lua/record.lua")),
+            submit: Script::new(include_str!("../lua/submit.lua")),
+            park: Script::new(include_str!("../lua/park.lua")),
+            release: Script::new(include_str!("../lua/release.lua")),
+            expire: Script::new(include_str!("../lua/expire.lua")),
+            store_result: Script::new(include_str!("../lua/store_result.lua")),
+            admit: Script::new(include_str!("../lua/admit.lua")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// A result is already stored: re-report it.
+    Done(String),
+    /// Another attempt holds the task.
+    Busy,
+    /// This attempt runs the task under this fencing token.
+    Run(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    Applied,
+    Exists(String),
+    Fenced,
+}
+
+/// Typed access to task state. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub pool: Pool,
+    pub keys: Keys,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+impl Store {
+    pub fn new(pool: Pool, prefix: &str) -> Store {
+        Store { pool, keys: Keys::new(prefix), scripts: std::sync::Arc::new(Scripts::default()) }
+    }
+
+    pub async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let _: String = redis::cmd("PING").query_async(&mut *c).await?;
+        Ok(())
+    }
+
+    /// Claim the task and all its `lock_keys` (all or nothing).
+    pub async fn claim(
+        &self,
+        id: &str,
+        lock_keys: &[String],
+        token: &str,
+        lease: Duration,
+        worker: &str,
+        kind: &str,
+    ) -> Result<Claim, StoreError> {
+        let mut c = self.conn().await?;
+        let mut script = self.scripts.claim.prepare_invoke();
+        script
+            .key(self.keys.task(id))
+            .key(self.keys.task_lock(id))
+            .key(self.keys.fence_counter())
+            .key(self.keys.ledger(id));
+        for k in lock_keys {
+            script.key(self.keys.resource_lock(k));
+        }
+        let reply: Vec<String> = script
+            .arg(token)
+            .arg(lease.as_millis() as u64)
+            .arg(worker)
+            .arg(kind)
+            .arg(crate::envelope::now_rfc3339())
+            .invoke_async(&mut *c)
+            .await?;
+        match reply.as_slice() {
+            [tag, result] if tag == "done" => Ok(Claim::Done(result.clone())),
+            [tag] if tag == "busy" => Ok(Claim::Busy),
+            [tag, fence] if tag == "run" => Ok(Claim::Run(fence.clone())),
+            _ => Err(StoreError::Reply("claim")),
+        }
+    }
+
+    pub async fn finish(
+        &self,
+        id: &str,
+        token: &str,
+        fence: &str,
+        status: &str,
+        result_json: &str,
+    ) -> Result<Finish, StoreError> {
+        let mut c = self.conn().await?;
+        let reply: Vec<String> = self
+            .scripts
+            .finish
+            .key(self.keys.task(id))
+            .key(self.keys.task_lock(id))
+            .key(self.keys.ledger(id))
+            .arg(token)
+            .arg(fence)
+            .arg(status)
+            .arg(result_json)
+            .arg(crate::envelope::now_rfc3339())
+            .invoke_async(&mut *c)
+            .await?;
+        match reply.as_slice() {
+            [tag] if tag == "applied" => Ok(Finish::Applied),
+            [tag, stored] if tag == "exists" => Ok(Finish::Exists(stored.clone())),
+            [tag] if tag == "fenced" => Ok(Finish::Fenced),
+            _ => Err(StoreError::Reply("finish")),
+        }
+    }
+
+    /// The lock keys an attempt of this task holds: its own and its `lock_keys`.
+    pub fn lock_set(&self, id: &str, lock_keys: &[String]) -> Vec<String> {
+        let mut keys = vec![self.keys.task_lock(id)];
+        keys.extend(lock_keys.iter().map(|k| self.keys.resource_lock(k)));
+        keys
+    }
+
+    /// Extend held locks; `false` means a lease was lost.
+    pub async fn extend(&self, locks: &[String], token: &str, lease: Duration) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let n: i64 = self
+            .scripts
+            .extend
+            .key(locks)
+            .arg(token)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut *c)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Release the locks still held with this token.
+    pub async fn unlock(&self, locks: &[String], token: &str) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
+        let n: u64 = self.scripts.unlock.key(locks).arg(token).invoke_async(&mut *c).await?;
+        Ok(n)
+    }
+
+    /// Check dependencies or park the task until they are done (atomic).
+    pub async fn park(
+        &self,
+        id: &str,
+        depends_on: &[String],
+        body: &[u8],
+        deadline_ms: u64,
+    ) -> Result<Park, StoreError> {
+        let mut c = self.conn().await?;
+        let mut script = self.scripts.park.prepare_invoke();
+        script.key(self.keys.task(id));
+        for d in depends_on {
+            script.key(self.keys.task(d));
+        }
+        script.arg(self.keys.tag()).arg(id).arg(body).arg(deadline_ms).arg(crate::envelope::now_rfc3339());
+        for d in depends_on {
+            script.arg(d);
+        }
+        let reply: Vec<String> = script.invoke_async(&mut *c).await?;
+        match reply.as_slice() {
+            [tag, r] if tag == "done" => Ok(Park::Done(r.clone())),
+            [tag] if tag == "ready" => Ok(Park::Ready),
+            [tag, d] if tag == "failed" => Ok(Park::Failed(d.clone())),
+            [tag, d] if tag == "cycle" => Ok(Park::Cycle(d.clone())),
+            [tag, n] if tag == "parked" => Ok(Park::Parked(n.parse().unwrap_or(0))),
+            _ => Err(StoreError::Reply("park")),
+        }
+    }
+
+    /// After `id`'s result is recorded: the dependents to republish or to fail.
+    pub async fn release(&self, id: &str, status: &str) -> Result<Vec<Handoff>, StoreError> {
+        let mut c = self.conn().await?;
+        let flat: Vec<String> = self
+            .scripts
+            .release
+            .key(self.keys.task(id))
+            .arg(self.keys.tag())
+            .arg(id)
+            .arg(status)
+            .arg(crate::envelope::now_rfc3339())
+            .invoke_async(&mut *c)
+            .await?;
+        Ok(flat
+            .chunks_exact(3)
+            .map(|c| Handoff { release: c[0] == "release", id: c[1].clone(), body: c[2].clone() })
+            .collect())
+    }
+
+    /// Parked tasks whose dependency deadline passed, moved to `failing`.
+    pub async fn expire_parked(&self, now_ms: u64, max: usize) -> Result<Vec<Handoff>, StoreError> {
+        let mut c = self.conn().await?;
+        let flat: Vec<String> = self
+            .scripts
+            .expire
+            .key(self.keys.parked_index())
+            .arg(self.keys.tag())
+            .arg(now_ms)
+            .arg(max)
+            .invoke_async(&mut *c)
+            .await?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|c| Handoff { release: false, id: c[0].clone(), body: c[1].clone() })
+            .collect())
+    }
+
+    /// Hand-offs left by a crash between `release`/`expire` and their publish.
+    pub async fn pending_handoffs(&self) -> Result<Vec<Handoff>, StoreError> {
+        let mut c = self.conn().await?;
+        let releasing: Vec<(String, String)> =
+            redis::cmd("HGETALL").arg(self.keys.releasing()).query_async(&mut *c).await?;
+        let failing: Vec<(String, String)> =
+            redis::cmd("HGETALL").arg(self.keys.failing()).query_async(&mut *c).await?;
+        Ok(releasing
+            .into_iter()
+            .map(|(id, body)| Handoff { release: true, id, body })
+            .chain(failing.into_iter().map(|(id, body)| Handoff { release: false, id, body }))
+            .collect())
+    }
+
+    /// The hand-off is done (republished, or its failure reported).
+    pub async fn handoff_done(&self, h: &Handoff) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let key = if h.release { self.keys.releasing() } else { self.keys.failing() };
+        let _: i64 = redis::cmd("HDEL").arg(key).arg(&h.id).query_async(&mut *c).await?;
+        Ok(())
+    }
+
+    /// Store a result decided outside a worker attempt unless one exists; returns the stored one.
+    pub async fn store_result(
+        &self,
+        id: &str,
+        status: &str,
+        result_json: &str,
+    ) -> Result<String, StoreError> {
+        let mut c = self.conn().await?;
+        Ok(self
+            .scripts
+            .store_result
+            .key(self.keys.task(id))
+            .key(self.keys.ledger(id))
+            .arg(status)
+            .arg(result_json)
+            .arg(crate::envelope::now_rfc3339())
+            .invoke_async(&mut *c)
+            .await?)
+    }
+
+    /// Take a fleet-wide GPU slot if fewer than `cap` are leased.
+    pub async fn admit_gpu(&self, token: &str, cap: u32, lease: Duration) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let n: i64 = self
+            .scripts
+            .admit
+            .key(self.keys.gpu_inflight())
+            .arg(token)
+            .arg(cap)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut *c)
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub async fn release_gpu(&self, token: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let _: i64 = redis::cmd("ZREM").arg(self.keys.gpu_inflight()).arg(token).query_async(&mut *c).await?;
+        Ok(())
+    }
+
+    /// Record a result at the scheduler; `true` the first time for this id.
+    pub async fn record(&self, id: &str, status: &str, result_json: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let n: i64 = self
+            .scripts
+            .record
+            .key(self.keys.task(id))
+            .arg(status)
+            .arg(result_json)
+            .arg(crate::envelope::now_rfc3339())
+            .invoke_async(&mut *c)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Register a submitted id; `false` when it is already known (not run again).
+    pub async fn submit(&self, id: &str, kind: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let n: i64 = self
+            .scripts
+            .submit
+            .key(self.keys.task(id))
+            .arg(kind)
+            .arg(crate::envelope::now_rfc3339())
+            .invoke_async(&mut *c)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Forget a registration whose publish failed, so the id can be submitted again.
+    pub async fn forget_submission(&self, id: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let _: () = redis::cmd("DEL").arg(self.keys.task(id)).query_async(&mut *c).await?;
+        Ok(())
+    }
+
+    /// Status and stored result of a task, if known.
+    pub async fn task_state(&self, id: &str) -> Result<Option<TaskState>, StoreError> {
+        let mut c = self.conn().await?;
+        let (status, result): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.keys.task(id))
+            .arg("status")
+            .arg("result")
+            .query_async(&mut *c)
+            .await?;
+        Ok(status.map(|status| TaskState { status, result }))
+    }
+
+    /// Count an attempt that lost its lease and stopped before applying anything.
+    pub async fn note_fenced(&self, id: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let _: i64 =
+            redis::cmd("HINCRBY").arg(self.keys.ledger(id)).arg("fenced").arg(1).query_async(&mut *c).await?;
+        Ok(())
+    }
+
+    /// Attempts / applies / fenced counters of a task's ledger.
+    pub async fn ledger(&self, id: &str) -> Result<Ledger, StoreError> {
+        let mut c = self.conn().await?;
+        let (attempts, applies, fenced): (Option<u64>, Option<u64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.keys.ledger(id))
+            .arg("attempts")
+            .arg("applies")
+            .arg("fenced")
+            .query_async(&mut *c)
+            .await?;
+        Ok(Ledger {
+            attempts: attempts.unwrap_or(0),
+            applies: applies.unwrap_or(0),
+            fenced: fenced.unwrap_or(0),
+        })
+    }
+
+    /// A council: the stored one, else the built-in default for the five default roles.
+    pub async fn council(&self, role: &str) -> Result<Option<crate::council::Council>, StoreError> {
+        let mut c = self.conn().await?;
+        let raw: Option<String> =
+            redis::cmd("HGET").arg(self.keys.councils()).arg(role).query_async(&mut *c).await?;
+        Ok(match raw.and_then(|r| serde_json::from_str(&r).ok()) {
+            Some(council) => Some(council),
+            None => crate::council::Council::default_for(role),
+        })
+    }
+
+    /// Every stored council, with the defaults for default roles not stored.
+    pub async fn councils(&self) -> Result<Vec<crate::council::Council>, StoreError> {
+        let mut c = self.conn().await?;
+        let raw: Vec<(String, String)> =
+            redis::cmd("HGETALL").arg(self.keys.councils()).query_async(&mut *c).await?;
+        let mut out: Vec<crate::council::Council> =
+            raw.into_iter().filter_map(|(_, v)| serde_json::from_str(&v).ok()).collect();
+        for role in crate::council::DEFAULT_ROLES {
+            if !out.iter().any(|c| c.role == role) {
+                out.extend(crate::council::Council::default_for(role));
+            }
+        }
+        out.sort_by(|a, b| a.role.cmp(&b.role));
+        Ok(out)
+    }
+
+    pub async fn put_council(&self, council: &crate::council::Council) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let body = serde_json::to_string(council).unwrap_or_default();
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.keys.councils())
+            .arg(&council.role)
+            .arg(body)
+            .query_async(&mut *c)
+            .await?;
+        Ok(())
+    }
+
+    /// Delete a stored council; `true` when one was stored.
+    pub async fn delete_council(&self, role: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let n: i64 = redis::cmd("HDEL").arg(self.keys.councils()).arg(role).query_async(&mut *c).await?;
+        Ok(n == 1)
+    }
+
+    /// A finished agent call of a deliberation, if checkpointed.
+    pub async fn checkpoint_get(&self, id: &str, field: &str) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn().await?;
+        Ok(redis::cmd("HGET").arg(self.keys.checkpoint(id)).arg(field).query_async(&mut *c).await?)
+    }
+
+    /// Checkpoint a finished agent call (kept a day: a stored result supersedes it).
+    pub async fn checkpoint_put(&self, id: &str, field: &str, value: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let key = self.keys.checkpoint(id);
+        let _: () = redis::pipe()
+            .cmd("HSET")
+            .arg(&key)
+            .arg(field)
+            .arg(value)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(86_400)
+            .ignore()
+            .query_async(&mut *c)
+            .await?;
+        Ok(())
+    }
+
+    /// Store a plan unless known; `true` when new.
+    pub async fn put_plan(&self, id: &str, body: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let n: i64 = redis::cmd("SETNX").arg(self.keys.plan(id)).arg(body).query_async(&mut *c).await?;
+        Ok(n == 1)
+    }
+
+    pub async fn plan(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn().await?;
+        Ok(redis::cmd("GET").arg(self.keys.plan(id)).query_async(&mut *c).await?)
+    }
+
+    /// Claim the right to publish one plan event once; `true` for the first caller.
+    pub async fn claim_plan_event(&self, id: &str, field: &str) -> Result<bool, StoreError> {
+        let mut c = self.conn().await?;
+        let n: i64 = redis::cmd("HSETNX")
+            .arg(self.keys.plan_events(id))
+            .arg(field)
+            .arg(1)
+            .query_async(&mut *c)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Give a claimed event back (its publish failed), so a redelivery publishes it.
+    pub async fn unclaim_plan_event(&self, id: &str, field: &str) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let _: i64 =
+            redis::cmd("HDEL").arg(self.keys.plan_events(id)).arg(field).query_async(&mut *c).await?;
+        Ok(())
+    }
+
+    /// Tasks parked on dependencies now.
+    pub async fn parked_count(&self) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
+        Ok(redis::cmd("ZCARD").arg(self.keys.parked_index()).query_async(&mut *c).await?)
+    }
+
+    /// Live workers' heartbeats (JSON strings).
+    pub async fn workers(&self) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn().await?;
+        let mut cursor: u64 = 0;
+        let mut keys: Vec<String> = Vec::new();
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.workers_pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut *c)
+                .await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut *c).await?;
+        Ok(values.into_iter().flatten().collect())
+    }
+
+    /// Delete every key of this prefix (tests, `flotactl` cleanup).
+    pub async fn delete_all(&self) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut *c)
+                .await?;
+            if !keys.is_empty() {
+                let n: u64 = redis::cmd("DEL").arg(&keys).query_async(&mut *c).await?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Park {
+    /// The task already has a result: re-report it.
+    Done(String),
+    /// Every dependency succeeded: run now.
+    Ready,
+    /// This dependency failed: fail with `dependency_failed`.
+    Failed(String),
+    /// Waiting on this dependency would wait forever: fail with `dependency_cycle`.
+    Cycle(String),
+    /// Parked on this many unfinished dependencies; the scheduler republishes it.
+    Parked(usize),
+}
+
+/// A parked task the scheduler must republish (`release`) or fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    pub release: bool,
+    pub id: String,
+    pub body: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskState {
+    pub status: String,
+    pub result: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ledger {
+    pub attempts: u64,
+    pub applies: u64,
+    pub fenced: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        let k = Keys::new("p1");
+        for key in [k.task("a"), k.task_lock("a"), k.fence_counter(), k.ledger("a"), k.resource_lock("r")] {
+            assert!(key.starts_with("{p1}:"), "{key}");
+        }
+        assert_eq!(k.pattern(), "{p1}:*");
+    }
+}

@@ -1,0 +1,197 @@
+//! Logging and trace context.
+//!
+//! Logs go to stderr, as text or JSON (`FLOTA_LOG_FORMAT=json`), filtered by
+//! `RUST_LOG` (default `info`). Trace context crosses processes as a W3C
+//! `traceparent` string: in AMQP headers, in HTTP headers to the GPU server,
+//! and its trace id in every result envelope.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{Config, LogFormat};
+
+/// Install the global subscriber (logs only). Safe to call twice.
+pub fn init(format: LogFormat) {
+    let _ = install(format, None);
+}
+
+/// Logs, plus OTLP trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+/// Keep the guard alive for the process's life: dropping it flushes spans.
+pub fn init_with_config(config: &Config, service: &'static str) -> TelemetryGuard {
+    let provider =
+        config.otlp_endpoint.as_deref().and_then(|endpoint| match otlp_provider(endpoint, service) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("{service}: OTLP export disabled: {e}");
+                None
+            }
+        });
+    let tracer = provider.as_ref().map(|p| p.tracer(service));
+    let _ = install(config.log_format, tracer);
+    if let Some(endpoint) = &config.otlp_endpoint {
+        tracing::info!(message = "Exporting traces over OTLP/HTTP.", endpoint = %crate::config::redact_url(endpoint));
+    }
+    TelemetryGuard { provider }
+}
+
+fn install(
+    format: LogFormat,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+) -> Result<(), tracing_subscriber::util::TryInitError> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+    };
+    // `RUST_LOG` filters the log lines only; spans export at info whatever the log level.
+    let otel = tracer.map(|t| {
+        tracing_opentelemetry::layer()
+            .with_tracer(t)
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
+    tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init()
+}
+
+fn otlp_provider(endpoint: &str, service: &'static str) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+        .build()?;
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+}
+
+/// Flushes and stops trace export when dropped.
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            // Blocks while flushing: runs once, at exit.
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Make `span` a child of the remote context in `tp`, so exported spans join
+/// the producer's trace (a no-op without OTLP export).
+pub fn set_remote_parent(span: &tracing::Span, tp: &TraceParent) {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let (Ok(trace_id), Ok(span_id)) = (TraceId::from_hex(&tp.trace_id), SpanId::from_hex(&tp.span_id)) else {
+        return;
+    };
+    let flags = if tp.flags == "01" { TraceFlags::SAMPLED } else { TraceFlags::default() };
+    let cx = opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+        trace_id,
+        span_id,
+        flags,
+        true,
+        TraceState::default(),
+    ));
+    let _ = span.set_parent(cx);
+}
+
+/// A parsed W3C trace context (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: String,
+    pub span_id: String,
+    pub flags: String,
+}
+
+impl TraceParent {
+    /// A new root context (sampled).
+    pub fn new_root() -> TraceParent {
+        TraceParent { trace_id: random_hex(16), span_id: random_hex(8), flags: "01".into() }
+    }
+
+    /// Parse a header; `None` when it is not a valid version-00 traceparent.
+    pub fn parse(s: &str) -> Option<TraceParent> {
+        let mut parts = s.trim().split('-');
+        let (version, trace_id, span_id, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |v: &str, n: usize| {
+            v.len() == n && v.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
+        if parts.next().is_some()
+            || version != "00"
+            || !hex(trace_id, 32)
+            || !hex(span_id, 16)
+            || !hex(flags, 2)
+            || trace_id.bytes().all(|b| b == b'0')
+            || span_id.bytes().all(|b| b == b'0')
+        {
+            return None;
+        }
+        Some(TraceParent { trace_id: trace_id.into(), span_id: span_id.into(), flags: flags.into() })
+    }
+
+    /// Parse, or start a new trace when absent or invalid.
+    pub fn parse_or_new(s: Option<&str>) -> TraceParent {
+        s.and_then(TraceParent::parse).unwrap_or_else(TraceParent::new_root)
+    }
+
+    /// The same trace, a new span (what a process forwards downstream).
+    pub fn child(&self) -> TraceParent {
+        TraceParent { trace_id: self.trace_id.clone(), span_id: random_hex(8), flags: self.flags.clone() }
+    }
+
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    loop {
+        rand::fill(&mut buf[..]);
+        if buf.iter().any(|b| *b != 0) {
+            return hex::encode(&buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_w3c_example() {
+        let tp = TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(tp.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(tp.span_id, "00f067aa0ba902b7");
+        assert_eq!(tp.header(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    }
+
+    #[test]
+    fn refuses_bad_headers_and_makes_new_roots() {
+        for bad in [
+            "",
+            "garbage",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(TraceParent::parse(bad).is_none(), "{bad}");
+        }
+        let root = TraceParent::parse_or_new(Some("garbage"));
+        assert!(TraceParent::parse(&root.header()).is_some());
+        let child = root.child();
+        assert_eq!(child.trace_id, root.trace_id);
+        assert_ne!(child.span_id, root.span_id);
+    }
+}

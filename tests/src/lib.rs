@@ -1,0 +1,216 @@
+//! Support for Flota's end-to-end tests: every test gets its own
+//! `FLOTA_PREFIX` on the real RabbitMQ and Redis, starts real binaries, and
+//! cleans up after itself, so tests run in parallel and reruns start clean.
+//!
+//! # Layout
+//! - [`TestEnv`]: a prefix, its config, AMQP/Redis access, publishing raw
+//!   messages, tapping results and dead letters, cleanup.
+//! - [`procs`]: starting the workspace's binaries as child processes.
+//! - [`proxy`]: a TCP fault proxy (cut, black-hole, delay) in front of RabbitMQ or Redis.
+
+pub mod procs;
+pub mod proxy;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+
+use flota_shared::amqp::{self, Publisher, Topology};
+use flota_shared::config::Config;
+use flota_shared::envelope::ResultEnvelope;
+use flota_shared::store::{self, Store};
+
+/// Upper bound for "eventually" in tests: generous, never a performance claim.
+pub const PATIENCE: Duration = Duration::from_secs(180);
+
+pub struct TestEnv {
+    pub prefix: String,
+    pub config: Config,
+    pub topo: Topology,
+    pub conn: Connection,
+    pub publisher: Publisher,
+    pub store: Store,
+}
+
+impl TestEnv {
+    /// A fresh prefix with the topology declared.
+    pub async fn new(name: &str) -> TestEnv {
+        let prefix = format!("t-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let vars = HashMap::from([("FLOTA_PREFIX".to_string(), prefix.clone())]);
+        let config = Config::from_lookup(|k| vars.get(k).cloned().or_else(|| std::env::var(k).ok()))
+            .expect("test configuration");
+        let conn = amqp::connect(&config, &format!("test {prefix}")).await.expect("RabbitMQ reachable");
+        let publisher = Publisher::open(&conn).await.expect("publisher channel");
+        let topo = Topology::new(&prefix);
+        amqp::declare_topology(publisher.channel(), &topo, config.delivery_limit)
+            .await
+            .expect("declare topology");
+        let store = Store::new(store::pool(&config, 8).expect("redis pool"), &prefix);
+        TestEnv { prefix, config, topo, conn, publisher, store }
+    }
+
+    /// Environment variables that point a child process at this prefix.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("FLOTA_PREFIX".into(), self.prefix.clone()),
+            ("FLOTA_AMQP_URL".into(), self.config.amqp_url.clone()),
+            ("FLOTA_REDIS_URL".into(), self.config.redis_url.clone()),
+        ]
+    }
+
+    /// Publish a raw body to `P.tasks` with a routing key, confirmed.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], props: BasicProperties) {
+        self.publisher
+            .publish(&self.topo.tasks_exchange(), routing_key, body, props)
+            .await
+            .expect("publish confirmed");
+    }
+
+    /// Publish a task envelope given as JSON, with the contract's properties.
+    pub async fn publish_task(&self, task: &serde_json::Value) {
+        let id = task["id"].as_str().unwrap_or("no-id");
+        let kind = task["kind"].as_str().unwrap_or("interpret");
+        let tp = flota_shared::telemetry::TraceParent::new_root().header();
+        self.publish_raw(kind, &serde_json::to_vec(task).expect("json"), amqp::task_properties(id, &tp, 0))
+            .await;
+    }
+
+    /// A queue bound to `P.results` that sees every result from now on.
+    pub async fn tap_results(&self) -> ResultTap {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let name = format!("{}.test-tap.{}", self.prefix, &uuid::Uuid::new_v4().simple().to_string()[..6]);
+        channel
+            .queue_declare(
+                ShortString::from(name.clone()),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("tap queue");
+        channel
+            .queue_bind(
+                ShortString::from(name.clone()),
+                ShortString::from(self.topo.results_exchange()),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind tap");
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(name),
+                ShortString::from("tap"),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume tap");
+        ResultTap { _channel: channel, consumer }
+    }
+
+    /// Messages currently in a queue (passive declare).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let q = channel
+            .queue_declare(
+                ShortString::from(queue.to_string()),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        let _ = channel.close(200, ShortString::from("done")).await;
+        q.message_count()
+    }
+
+    /// Take every message from `P.dead` (acked: the test owns them).
+    pub async fn drain_dead(&self) -> Vec<DeadLetter> {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(msg) = channel
+            .basic_get(ShortString::from(self.topo.dead_queue()), BasicGetOptions::default())
+            .await
+            .expect("basic_get")
+        {
+            let props = &msg.delivery.properties;
+            out.push(DeadLetter {
+                reason: amqp::header_str(props, amqp::HEADER_REASON),
+                error: amqp::header_str(props, amqp::HEADER_ERROR),
+                body: msg.delivery.data.clone(),
+            });
+            msg.delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        }
+        out
+    }
+
+    /// Wait until `P.dead` holds at least `n` messages, then take them all.
+    pub async fn wait_dead(&self, n: usize) -> Vec<DeadLetter> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut got = Vec::new();
+        while got.len() < n && tokio::time::Instant::now() < deadline {
+            got.extend(self.drain_dead().await);
+            if got.len() < n {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        got
+    }
+
+    /// Delete this prefix's queues, exchanges and Redis keys.
+    pub async fn cleanup(self) {
+        if let Ok(channel) = self.conn.create_channel().await {
+            for q in self.topo.all_queues() {
+                let _ = channel.queue_delete(ShortString::from(q), QueueDeleteOptions::default()).await;
+            }
+            for e in self.topo.all_exchanges() {
+                let _ = channel.exchange_delete(ShortString::from(e), ExchangeDeleteOptions::default()).await;
+            }
+        }
+        let _ = self.store.delete_all().await;
+        let _ = self.conn.close(200, ShortString::from("test done")).await;
+    }
+}
+
+pub struct DeadLetter {
+    pub reason: Option<String>,
+    pub error: Option<String>,
+    pub body: Vec<u8>,
+}
+
+pub struct ResultTap {
+    _channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl ResultTap {
+    /// The next result, or `None` after `PATIENCE`.
+    pub async fn next(&mut self) -> Option<ResultEnvelope> {
+        loop {
+            let delivery = tokio::time::timeout(PATIENCE, self.consumer.next()).await.ok()??.ok()?;
+            if let Ok(r) = serde_json::from_slice::<ResultEnvelope>(&delivery.data) {
+                return Some(r);
+            }
+        }
+    }
+
+    /// Results until `n` distinct ids were seen (duplicates are counted, not kept twice).
+    pub async fn collect_distinct(&mut self, n: usize) -> (HashMap<String, ResultEnvelope>, usize) {
+        let mut seen = HashMap::new();
+        let mut duplicates = 0;
+        while seen.len() < n {
+            let Some(r) = self.next().await else { break };
+            if seen.insert(r.id.clone(), r).is_some() {
+                duplicates += 1;
+            }
+        }
+        (seen, duplicates)
+    }
+}

@@ -1,0 +1,233 @@
+//! Faults from ../shared/reliability.md on real services: killed, stopped and
+//! drained workers, duplicate and requeued deliveries, and connections cut
+//! under the fleet. After each: nothing lost, nothing applied twice.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use flota_shared::envelope::Status;
+use flota_tests::proxy::FaultProxy;
+use flota_tests::{TestEnv, procs};
+use serde_json::json;
+
+fn interp(id: &str) -> serde_json::Value {
+    json!({"id": id, "kind": "interpret", "input": {"message": format!("Abrí un trabajo para revisar el equipo {id}")}})
+}
+
+async fn assert_applied_once(env: &TestEnv, ids: impl Iterator<Item = String>) {
+    let mut doubles = Vec::new();
+    let mut missing = Vec::new();
+    for id in ids {
+        let ledger = env.store.ledger(&id).await.unwrap();
+        match ledger.applies {
+            1 => {}
+            0 => missing.push(id),
+            _ => doubles.push(id),
+        }
+    }
+    assert!(missing.is_empty(), "never applied: {missing:?}");
+    assert!(doubles.is_empty(), "applied twice: {doubles:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_a_worker_holding_deliveries_loses_and_doubles_nothing() {
+    let env = TestEnv::new("sigkill").await;
+    let gpu = procs::gpusim(&["--base-ms", "5"]).await;
+    let victim = procs::worker(&env.env(), &gpu.url(), &[("FLOTA_LOCK_LEASE_MS", "2000")]).await;
+    let _survivor = procs::worker(&env.env(), &gpu.url(), &[("FLOTA_LOCK_LEASE_MS", "2000")]).await;
+    let mut tap = env.tap_results().await;
+    let n = 2000;
+    for i in 0..n {
+        env.publish_task(&interp(&format!("k-{i}"))).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 300 {
+        seen.insert(tap.next().await.expect("results flow").id);
+    }
+    victim.signal("KILL").await;
+    // Ids seen before the kill may be re-reported after it: count every id once.
+    while seen.len() < n {
+        seen.insert(tap.next().await.expect("the survivor finishes the victim's work").id);
+    }
+    for i in 0..n {
+        let state = env.store.task_state(&format!("k-{i}")).await.unwrap().expect("known");
+        assert_eq!(state.status, "succeeded", "k-{i}");
+    }
+    assert_applied_once(&env, (0..n).map(|i| format!("k-{i}"))).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_ids_twice_with_rogue_requeues_run_once() {
+    let env = TestEnv::new("dupes").await;
+    let gpu = procs::gpusim(&[]).await;
+    let mut tap = env.tap_results().await;
+    let n = 500;
+    for round in 0..2 {
+        for i in 0..n {
+            env.publish_task(&interp(&format!("d-{i}"))).await;
+        }
+        let _ = round;
+    }
+    // A rogue consumer nack-requeues some deliveries before the workers start.
+    {
+        use futures::StreamExt;
+        use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+        let ch = env.conn.create_channel().await.unwrap();
+        ch.basic_qos(50, BasicQosOptions::default()).await.unwrap();
+        let mut rogue = ch
+            .basic_consume(
+                lapin::types::ShortString::from(env.topo.work_queue(flota_shared::envelope::Kind::Interpret)),
+                lapin::types::ShortString::from("rogue"),
+                BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            let Some(Ok(d)) = rogue.next().await else { break };
+            d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+        }
+        ch.close(200, lapin::types::ShortString::from("rogue done")).await.unwrap();
+    }
+    let _w1 = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let _w2 = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let (results, _) = tap.collect_distinct(n).await;
+    assert_eq!(results.len(), n);
+    assert_applied_once(&env, (0..n).map(|i| format!("d-{i}"))).await;
+    let stats: serde_json::Value =
+        reqwest::get(format!("{}/stats", gpu.url())).await.unwrap().json().await.unwrap();
+    assert_eq!(stats["served"], n as u64, "{n} executions for {} deliveries", 2 * n);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_frozen_past_its_lease_is_fenced_off() {
+    let env = TestEnv::new("sigstop").await;
+    // Slow GPU so the task is mid-flight when the worker freezes.
+    let gpu = procs::gpusim(&["--base-ms", "3000"]).await;
+    let lease = [("FLOTA_LOCK_LEASE_MS", "1000")];
+    // Prefetch 1: the frozen worker cannot take the second copy (a stopped
+    // process still gets deliveries pushed while its prefetch has room).
+    let frozen =
+        procs::worker(&env.env(), &gpu.url(), &[("FLOTA_LOCK_LEASE_MS", "1000"), ("FLOTA_CONCURRENCY", "1")])
+            .await;
+    let mut tap = env.tap_results().await;
+    env.publish_task(&interp("fence-1")).await;
+    // Wait until the frozen-to-be worker holds the task.
+    for _ in 0..200 {
+        if env.store.task_state("fence-1").await.unwrap().is_some_and(|s| s.status == "running") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    frozen.signal("STOP").await;
+    // Its lease expires; the same task arrives again (a redelivery or a duplicate publish).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let other = procs::worker(&env.env(), &gpu.url(), &lease).await;
+    env.publish_task(&interp("fence-1")).await;
+    let first = tap.next().await.expect("a result");
+    assert_eq!(first.status, Status::Succeeded);
+    frozen.signal("CONT").await;
+    // The resumed worker's late result is refused by the fence: applied once, fenced once.
+    let mut ledger = env.store.ledger("fence-1").await.unwrap();
+    for _ in 0..600 {
+        if ledger.fenced >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ledger = env.store.ledger("fence-1").await.unwrap();
+    }
+    assert_eq!(ledger.applies, 1, "{ledger:?}");
+    assert!(ledger.fenced >= 1, "late work fenced off: {ledger:?}");
+    drop(other);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero_losing_nothing() {
+    let env = TestEnv::new("sigterm").await;
+    let gpu = procs::gpusim(&["--base-ms", "50"]).await;
+    let draining = procs::worker(&env.env(), &gpu.url(), &[("FLOTA_SHUTDOWN_GRACE", "30")]).await;
+    let mut tap = env.tap_results().await;
+    let n = 300;
+    for i in 0..n {
+        env.publish_task(&interp(&format!("t-{i}"))).await;
+    }
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 50 {
+        seen.insert(tap.next().await.expect("results flow").id);
+    }
+    assert_eq!(draining.terminate().await, Some(0), "drained and exited 0");
+    let _finisher = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    while seen.len() < n {
+        seen.insert(tap.next().await.expect("the rest is finished by another worker").id);
+    }
+    for i in 0..n {
+        let s = env.store.task_state(&format!("t-{i}")).await.unwrap().expect("known");
+        assert_eq!(s.status, "succeeded");
+    }
+    assert_applied_once(&env, (0..n).map(|i| format!("t-{i}"))).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_under_the_fleet_lose_and_double_nothing() {
+    let env = TestEnv::new("cuts").await;
+    let gpu = procs::gpusim(&["--base-ms", "5"]).await;
+    let amqp_proxy = FaultProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let redis_proxy = FaultProxy::start("127.0.0.1:6379".parse().unwrap()).await;
+    let amqp_url = env.config.amqp_url.replace("127.0.0.1:5672", &amqp_proxy.addr.to_string());
+    let redis_url = env.config.redis_url.replace("127.0.0.1:6379", &redis_proxy.addr.to_string());
+    let mut worker_env: Vec<(String, String)> =
+        env.env().into_iter().filter(|(k, _)| !k.ends_with("_URL")).collect();
+    worker_env.push(("FLOTA_AMQP_URL".into(), amqp_url));
+    worker_env.push(("FLOTA_REDIS_URL".into(), redis_url));
+    let _w = procs::worker(&worker_env, &gpu.url(), &[]).await;
+    let mut tap = env.tap_results().await;
+    let n = 1000;
+    for i in 0..n {
+        env.publish_task(&interp(&format!("c-{i}"))).await;
+    }
+    let mut seen: HashMap<String, Status> = HashMap::new();
+    for cut in 0..3 {
+        while seen.len() < (cut + 1) * 200 {
+            let r = tap.next().await.expect("results keep coming");
+            seen.insert(r.id.clone(), r.status);
+        }
+        amqp_proxy.cut_all();
+        if cut == 1 {
+            redis_proxy.cut_all();
+        }
+    }
+    while seen.len() < n {
+        let r = tap.next().await.expect("processing resumes after the cuts");
+        seen.insert(r.id.clone(), r.status);
+    }
+    assert!(seen.values().all(|s| *s == Status::Succeeded));
+    assert_applied_once(&env, (0..n).map(|i| format!("c-{i}"))).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_task_among_a_thousand_fails_alone() {
+    let env = TestEnv::new("panic").await;
+    let gpu = procs::gpusim(&[]).await;
+    let worker = procs::worker(&env.env(), &gpu.url(), &[("FLOTA_FAULT_PANIC_ID", "p-500")]).await;
+    let mut tap = env.tap_results().await;
+    let n = 1000;
+    for i in 0..n {
+        env.publish_task(&interp(&format!("p-{i}"))).await;
+    }
+    let (results, _) = tap.collect_distinct(n).await;
+    assert_eq!(results.len(), n);
+    for (id, r) in &results {
+        if id == "p-500" {
+            assert_eq!(r.status, Status::Failed, "the panicking task fails");
+        } else {
+            assert_eq!(r.status, Status::Succeeded, "{id} unaffected");
+        }
+    }
+    assert_eq!(worker.terminate().await, Some(0), "the worker survived the panic");
+    env.cleanup().await;
+}

@@ -1,0 +1,146 @@
+//! The GPU server failing in every way: the breaker opens, interpretations
+//! degrade, deliberations wait in their queue without spending attempts,
+//! 4xx are final, hung calls end by their deadline, and the fleet-wide cap
+//! holds however many workers run.
+
+use flota_shared::envelope::{ErrorCode, InterpretOutput, Status};
+use flota_tests::{TestEnv, procs};
+use serde_json::json;
+
+async fn stats(gpu: &procs::Proc) -> serde_json::Value {
+    reqwest::get(format!("{}/stats", gpu.url())).await.unwrap().json().await.unwrap()
+}
+
+async fn faults(gpu: &procs::Proc, body: serde_json::Value) {
+    let r =
+        reqwest::Client::new().post(format!("{}/admin/faults", gpu.url())).json(&body).send().await.unwrap();
+    assert!(r.status().is_success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_opens_the_breaker_degrades_interpretations_and_parks_deliberations() {
+    let env = TestEnv::new("outage").await;
+    let gpu = procs::gpusim(&["--error-rate", "1"]).await;
+    let worker = procs::worker(&env.env(), &gpu.url(), &[("FLOTA_GPU_RETRIES", "2")]).await;
+    let mut tap = env.tap_results().await;
+
+    // Trip the breaker with a few interpretations.
+    for i in 0..30 {
+        env.publish_task(&json!({"id": format!("o-{i}"), "kind": "interpret", "input": {"message": "Abrí un trabajo para cambiar la bomba"}}))
+            .await;
+    }
+    let (interps, _) = tap.collect_distinct(30).await;
+    assert_eq!(interps.len(), 30, "nothing lost during the outage");
+    let degraded = interps
+        .values()
+        .filter(|r| {
+            r.status == Status::Succeeded
+                && serde_json::from_value::<InterpretOutput>(r.output.clone().unwrap())
+                    .is_ok_and(|o| o.degraded)
+        })
+        .count();
+    assert!(degraded > 0, "with the breaker open interpretations come back degraded");
+    let during = stats(&gpu).await;
+    let calls = during["errors_500"].as_u64().unwrap();
+    // 30 tasks × 3 calls each would be 90 without a breaker; it must cut that short.
+    assert!(calls < 60, "GPU requests during the outage stay bounded, saw {calls}");
+
+    // The worker notices the open breaker and cancels its deliberation consumer.
+    let metrics_url = format!("{}/metrics", worker.url());
+    let mut metrics = String::new();
+    for _ in 0..600 {
+        metrics = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
+        if metrics.contains("flota_consuming_deliberations 0") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(metrics.contains("flota_consuming_deliberations 0"), "deliberations paused:\n{metrics}");
+    assert!(metrics.contains("flota_breaker_transitions_total{to=\"open\"}"));
+
+    // Deliberations published while open wait in their queue, not in retries.
+    for i in 0..3 {
+        env.publish_task(&json!({"id": format!("d-{i}"), "kind": "deliberate", "input": {"role": "QA", "task": "Plan the regression suite"}}))
+            .await;
+    }
+    assert_eq!(env.queue_depth(&env.topo.work_queue(flota_shared::envelope::Kind::Deliberate)).await, 3);
+
+    // Recovery: the probe succeeds, deliberations are consumed again and finish on their first attempt.
+    faults(&gpu, json!({"error_rate": 0.0})).await;
+    let (delibs, _) = tap.collect_distinct(3).await;
+    assert_eq!(delibs.len(), 3);
+    for r in delibs.values() {
+        assert_eq!(r.status, Status::Succeeded, "{:?}", r.error);
+        assert_eq!(r.attempts, 1, "no attempt spent while the breaker was open");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_final_and_429s_are_retried() {
+    let env = TestEnv::new("4xx").await;
+    let gpu = procs::gpusim(&["--rate-400", "1"]).await;
+    let _worker = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let mut tap = env.tap_results().await;
+    env.publish_task(&json!({"id": "refused", "kind": "interpret", "input": {"message": "hola"}})).await;
+    let r = tap.next().await.unwrap();
+    assert_eq!(r.error_code(), Some(ErrorCode::InvalidRequest));
+    assert_eq!(stats(&gpu).await["errors_400"], 1, "not retried");
+
+    faults(&gpu, json!({"rate_400": 0.0, "rate_429": 0.5, "retry_after_secs": 1})).await;
+    for i in 0..6 {
+        env.publish_task(&json!({"id": format!("busy-{i}"), "kind": "interpret", "input": {"message": "Abrí un trabajo para medir"}}))
+            .await;
+    }
+    let (results, _) = tap.collect_distinct(6).await;
+    assert!(results.values().all(|r| r.status == Status::Succeeded), "429s retried until served");
+    assert!(stats(&gpu).await["errors_429"].as_u64().unwrap() > 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_calls_end_by_their_deadline() {
+    let env = TestEnv::new("hang").await;
+    let gpu = procs::gpusim(&["--hang-rate", "1"]).await;
+    let _worker =
+        procs::worker(&env.env(), &gpu.url(), &[("FLOTA_GPU_TIMEOUT_MS", "500"), ("FLOTA_GPU_RETRIES", "1")])
+            .await;
+    let mut tap = env.tap_results().await;
+    for i in 0..8 {
+        env.publish_task(&json!({"id": format!("h-{i}"), "kind": "interpret", "input": {"message": "hola"}, "timeout_ms": 20000}))
+            .await;
+    }
+    // Every task ends: degraded (breaker opened on slow calls) or failed; none hangs.
+    let (results, _) = tap.collect_distinct(8).await;
+    assert_eq!(results.len(), 8);
+    assert!(
+        results.values().any(|r| r.output.as_ref().is_some_and(|o| o["degraded"] == true)),
+        "slow calls opened the breaker"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_wide_cap_holds_across_workers() {
+    let env = TestEnv::new("cap").await;
+    let gpu = procs::gpusim(&["--slots", "64", "--base-ms", "40"]).await;
+    let cap = [("FLOTA_GPU_MAX_INFLIGHT", "16"), ("FLOTA_CONCURRENCY", "32")];
+    let _w1 = procs::worker(&env.env(), &gpu.url(), &cap).await;
+    let _w2 = procs::worker(&env.env(), &gpu.url(), &cap).await;
+    let w3 = procs::worker(&env.env(), &gpu.url(), &cap).await;
+    let mut tap = env.tap_results().await;
+    for i in 0..300 {
+        env.publish_task(&json!({"id": format!("c-{i}"), "kind": "interpret", "input": {"message": "Abrí un trabajo para revisar"}}))
+            .await;
+    }
+    let _ = tap.collect_distinct(100).await;
+    // A worker killed while holding permits: its leases expire, the cap is not shrunk for good.
+    w3.signal("KILL").await;
+    let (rest, _) = tap.collect_distinct(150).await;
+    assert!(!rest.is_empty());
+    let s = stats(&gpu).await;
+    let peak = s["peak_in_flight"].as_u64().unwrap();
+    assert!(peak <= 16, "gpusim saw {peak} requests at once; the cap is 16");
+    assert!(peak >= 2, "the cap is shared, not serialised: peak {peak}");
+    env.cleanup().await;
+}

@@ -1,0 +1,291 @@
+//! The AMQP edge of the worker, and the only place that acks or nacks.
+//!
+//! A supervisor loop owns two connections (consume, publish) per session; on
+//! any connection or consumer error it backs off, reconnects, re-declares,
+//! re-applies prefetch and consumes again. A delivery is acked only after the
+//! publish its decision requires has been confirmed by the broker, and only
+//! on the channel it came from (`delivery.acker`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use flota_shared::amqp::{
+    self, HEADER_ATTEMPT, HEADER_ERROR, HEADER_REASON, HEADER_SOURCE_QUEUE, Publisher, Topology, long_string,
+    with_headers,
+};
+use flota_shared::envelope::Kind;
+
+use crate::breaker::BreakerState;
+use crate::process::{Decision, WorkerCtx, process};
+
+/// Run until `shutdown`, then drain: stop consuming, let in-flight tasks finish
+/// within the grace period, hand back the rest un-acked.
+pub async fn run(
+    ctx: Arc<WorkerCtx>,
+    shutdown: CancellationToken,
+    ready: impl FnOnce() + Send,
+) -> anyhow::Result<()> {
+    let topo = Topology::new(&ctx.config.prefix);
+    let permits = Arc::new(Semaphore::new(ctx.config.concurrency as usize));
+    let tracker = TaskTracker::new();
+    // Cancelled when the grace period is over: running tasks give their delivery back.
+    let hand_back = CancellationToken::new();
+    let mut ready = Some(ready);
+    let mut delay = Duration::from_millis(200);
+
+    while !shutdown.is_cancelled() {
+        match session(&ctx, &topo, &shutdown, &hand_back, &tracker, &permits, &mut ready).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(message = "AMQP session ended; reconnecting.", error = %e, delay_ms = delay.as_millis() as u64);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn session(
+    ctx: &Arc<WorkerCtx>,
+    topo: &Topology,
+    shutdown: &CancellationToken,
+    hand_back: &CancellationToken,
+    tracker: &TaskTracker,
+    permits: &Arc<Semaphore>,
+    ready: &mut Option<impl FnOnce() + Send>,
+) -> anyhow::Result<()> {
+    let worker_id = &ctx.config.worker_id;
+    // Separate connections: broker flow control on publishes cannot stall acks.
+    let consume_conn = amqp::connect(&ctx.config, &format!("{worker_id} consume")).await?;
+    let publish_conn = amqp::connect(&ctx.config, &format!("{worker_id} publish")).await?;
+    let publisher = Publisher::open(&publish_conn).await?;
+    amqp::declare_topology(publisher.channel(), topo, ctx.config.delivery_limit).await?;
+
+    // One channel per queue: quorum queues have no global QoS, so each consumer
+    // gets the prefetch; the semaphore bounds what runs at once.
+    let interpret_channel = consume_conn.create_channel().await?;
+    let deliberate_channel = consume_conn.create_channel().await?;
+    for channel in [&interpret_channel, &deliberate_channel] {
+        // Prefetch before consuming, or the broker pushes the whole backlog.
+        channel.basic_qos(ctx.config.concurrency, BasicQosOptions::default()).await?;
+    }
+    let interpret_tag = format!("{worker_id}-interpret");
+    let deliberate_tag = format!("{worker_id}-deliberate");
+    let mut interpret = consume(&interpret_channel, topo, Kind::Interpret, &interpret_tag).await?;
+    // Deliberations are consumed only while the GPU path is available: with the
+    // breaker open they stay in their queue, spending no attempt.
+    let breaker = ctx.gpu.breaker().clone();
+    let mut deliberate = None;
+    if breaker.state() == BreakerState::Closed {
+        deliberate = Some(consume(&deliberate_channel, topo, Kind::Deliberate, &deliberate_tag).await?);
+    }
+    ctx.metrics.consuming_deliberations.set(deliberate.is_some() as i64);
+    tracing::info!(message = "Consuming.", worker = %worker_id, concurrency = ctx.config.concurrency);
+    if let Some(ready) = ready.take() {
+        ready();
+    }
+    let mut breaker_tick = tokio::time::interval(crate::fleet::SYNC_EVERY);
+
+    let result = loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = breaker_tick.tick() => {
+                let state = breaker.state();
+                ctx.metrics.breaker_state.set(match state {
+                    BreakerState::Closed => 0,
+                    BreakerState::Open => 1,
+                    BreakerState::HalfOpen => 2,
+                });
+                match (state == BreakerState::Closed, deliberate.is_some()) {
+                    (false, true) => {
+                        tracing::warn!(message = "GPU breaker open; pausing deliberations (basic.cancel).");
+                        deliberate_channel
+                            .basic_cancel(ShortString::from(deliberate_tag.clone()), BasicCancelOptions::default())
+                            .await?;
+                        deliberate = None;
+                    }
+                    (true, false) => {
+                        tracing::info!(message = "GPU path available; consuming deliberations again.");
+                        deliberate = Some(consume(&deliberate_channel, topo, Kind::Deliberate, &deliberate_tag).await?);
+                    }
+                    _ => {}
+                }
+                ctx.metrics.consuming_deliberations.set(deliberate.is_some() as i64);
+                continue;
+            }
+            next = interpret.next() => (Kind::Interpret, next),
+            next = next_or_pending(&mut deliberate) => (Kind::Deliberate, next),
+        };
+        match next {
+            (kind, Some(Ok(delivery))) => {
+                let permit = tokio::select! {
+                    p = permits.clone().acquire_owned() => p?,
+                    _ = shutdown.cancelled() => {
+                        // Not started: give it back at once.
+                        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                        break Ok(());
+                    }
+                };
+                let ctx = ctx.clone();
+                let publisher = publisher.clone();
+                let topo = topo.clone();
+                let hand_back = hand_back.clone();
+                tracker.spawn(async move {
+                    handle(&ctx, &publisher, &topo, kind, delivery, &hand_back).await;
+                    drop(permit);
+                });
+            }
+            (_, Some(Err(e))) => break Err(anyhow::anyhow!("consumer error: {e}")),
+            (Kind::Deliberate, None) if deliberate.is_none() => {}
+            (_, None) => break Err(anyhow::anyhow!("consumer stream ended")),
+        }
+    };
+    let cancels = [(&interpret_channel, interpret_tag), (&deliberate_channel, deliberate_tag)];
+
+    if result.is_ok() {
+        // Drain: stop deliveries, finish what runs within the grace period.
+        for (channel, tag) in cancels.iter() {
+            let _ = channel.basic_cancel(ShortString::from(tag.clone()), BasicCancelOptions::default()).await;
+        }
+        tracing::info!(
+            message = "Stopped consuming; draining in-flight tasks.",
+            grace_s = ctx.config.shutdown_grace.as_secs()
+        );
+        tracker.close();
+        if tokio::time::timeout(ctx.config.shutdown_grace, tracker.wait()).await.is_err() {
+            tracing::warn!(message = "Grace period over; handing back unfinished tasks.");
+            hand_back.cancel();
+            tracker.wait().await;
+        }
+        // Prefetched deliveries never started are returned when the channels close.
+        let _ = consume_conn.close(200, ShortString::from("shutdown")).await;
+        let _ = publish_conn.close(200, ShortString::from("shutdown")).await;
+    }
+    result
+}
+
+/// Process one delivery and carry out its decision. Acks only after the
+/// decision's publish is confirmed; on any publish failure the delivery is
+/// returned to the broker (it will be redelivered and answered from the store).
+async fn handle(
+    ctx: &WorkerCtx,
+    publisher: &Publisher,
+    topo: &Topology,
+    kind: Kind,
+    delivery: Delivery,
+    hand_back: &CancellationToken,
+) {
+    let decision = process(ctx, &delivery.data, &delivery.properties, hand_back).await;
+    let published = match &decision {
+        Decision::Report { id, body, traceparent, dead_letter } => {
+            let props = amqp::message_properties(id, traceparent);
+            match publisher.publish(&topo.results_exchange(), "", body, props).await {
+                Ok(()) => match dead_letter {
+                    Some(dl) => {
+                        dead_letter_copy(
+                            ctx,
+                            publisher,
+                            topo,
+                            kind,
+                            &delivery,
+                            &dl.reason.to_string(),
+                            &dl.error,
+                        )
+                        .await
+                    }
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            }
+        }
+        Decision::DeadLetter(dl) => {
+            dead_letter_copy(ctx, publisher, topo, kind, &delivery, dl.reason.as_str(), &dl.error).await
+        }
+        Decision::Retry { attempt, delay } => {
+            let tier = amqp::retry_tier_for(*delay);
+            let props =
+                with_headers(&delivery.properties, &[(HEADER_ATTEMPT, AMQPValue::LongInt(*attempt as i32))]);
+            publisher.publish("", &topo.retry_queue(kind, tier), &delivery.data, props).await
+        }
+        Decision::HandBack => {
+            let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            return;
+        }
+        // The body is durably parked in Redis; the scheduler republishes it.
+        Decision::Parked => Ok(()),
+    };
+    match published {
+        Ok(()) => {
+            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                // The channel died after the publish: the broker redelivers, the store answers.
+                tracing::warn!(message = "Ack failed after a confirmed publish; the task will be re-reported.", error = %e);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(message = "Publish not confirmed; returning the delivery.", error = %e);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        }
+    }
+}
+
+async fn dead_letter_copy(
+    ctx: &WorkerCtx,
+    publisher: &Publisher,
+    topo: &Topology,
+    kind: Kind,
+    delivery: &Delivery,
+    reason: &str,
+    error: &str,
+) -> Result<(), amqp::PublishError> {
+    ctx.metrics.dead_letters.get_or_create(&crate::metrics::ReasonLabel { reason: reason.to_string() }).inc();
+    let props = with_headers(
+        &delivery.properties,
+        &[
+            (HEADER_REASON, long_string(reason)),
+            (HEADER_ERROR, long_string(error)),
+            (HEADER_SOURCE_QUEUE, long_string(&topo.work_queue(kind))),
+        ],
+    );
+    publisher.publish(&topo.dead_letter_exchange(), kind.as_str(), &delivery.data, props).await
+}
+
+async fn consume(
+    channel: &lapin::Channel,
+    topo: &Topology,
+    kind: Kind,
+    tag: &str,
+) -> lapin::Result<lapin::Consumer> {
+    channel
+        .basic_consume(
+            ShortString::from(topo.work_queue(kind)),
+            ShortString::from(tag.to_string()),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// The next delivery of an optional consumer; pending forever when there is none.
+async fn next_or_pending(consumer: &mut Option<lapin::Consumer>) -> Option<lapin::Result<Delivery>> {
+    match consumer {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}

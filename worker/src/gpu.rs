@@ -1,0 +1,480 @@
+//! The one client of the OpenAI-compatible GPU server (vLLM or flota-gpusim).
+//!
+//! Every call has a deadline (the smaller of the task's remaining time and the
+//! configured call timeout), always sets `max_tokens`, caps the response body,
+//! sends the API key when configured and forwards `traceparent`. Failures are
+//! classified by [`classify`] (pure): connect errors, timeouts, 5xx and 429 are
+//! retried with exponential backoff and full jitter (backon), honouring
+//! `Retry-After`; other 4xx are final (`invalid_request`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use flota_shared::config::Config;
+use flota_shared::envelope::Usage;
+
+use crate::breaker::{Admit, Breaker, call_verdict};
+use crate::fleet::Admission;
+
+/// Responses larger than this are refused: a model cannot flood a worker's memory.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn system(content: impl Into<String>) -> Self {
+        ChatMessage { role: "system", content: content.into() }
+    }
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage { role: "user", content: content.into() }
+    }
+    pub fn assistant(content: impl Into<String>) -> Self {
+        ChatMessage { role: "assistant", content: content.into() }
+    }
+}
+
+/// What a handler asks for; the client adds model, deadline and headers.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub response_format: Option<Value>,
+    /// The agent name for deliberation calls (OpenAI's `user` field).
+    pub user: Option<String>,
+    /// A model other than the fleet's default (a council agent's own).
+    pub model: Option<String>,
+}
+
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    model: &'a str,
+    messages: &'a [ChatMessage],
+    max_tokens: u32,
+    temperature: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct WireResponse {
+    choices: Vec<WireChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    message: WireMessage,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub content: String,
+    pub usage: Usage,
+}
+
+/// A failed call, already classified.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GpuError {
+    /// Worth retrying: connect error, timeout, 5xx, 429.
+    #[error("GPU server unavailable: {message}")]
+    Transient {
+        message: String,
+        retry_after: Option<Duration>,
+        /// A timeout: counted as a slow call by the breaker.
+        timed_out: bool,
+    },
+    /// The server refused the request (4xx other than 429): never retried.
+    #[error("GPU server refused the request ({status}): {message}")]
+    Invalid { status: u16, message: String },
+    /// The task's own deadline passed.
+    #[error("deadline exceeded before the GPU answered")]
+    Deadline,
+    /// The circuit breaker is open: no call was made.
+    #[error("GPU circuit breaker open")]
+    BreakerOpen,
+}
+
+impl GpuError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, GpuError::Transient { .. })
+    }
+}
+
+/// What an HTTP status means for us (pure, unit-tested).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    Ok,
+    Retry,
+    Refused,
+}
+
+pub fn classify(status: u16) -> StatusClass {
+    match status {
+        200..=299 => StatusClass::Ok,
+        429 | 408 => StatusClass::Retry,
+        500..=599 => StatusClass::Retry,
+        _ => StatusClass::Refused,
+    }
+}
+
+/// Parse `Retry-After` in seconds (HTTP dates are rare from vLLM; treated as absent).
+pub fn parse_retry_after(v: Option<&str>) -> Option<Duration> {
+    let secs: u64 = v?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(300)))
+}
+
+/// Backoff delays for `retries` retries: exponential from 100 ms, capped at
+/// 5 s, full jitter.
+pub fn backoff(retries: u32) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .with_max_times(retries as usize)
+        .build()
+}
+
+/// Observes each call (metrics live in the worker, not here).
+pub trait CallObserver: Send + Sync {
+    fn on_call(&self, outcome: &'static str, elapsed: Duration);
+    fn on_retry(&self);
+}
+
+pub struct NoopObserver;
+impl CallObserver for NoopObserver {
+    fn on_call(&self, _: &'static str, _: Duration) {}
+    fn on_retry(&self) {}
+}
+
+#[derive(Clone)]
+pub struct GpuClient {
+    http: reqwest::Client,
+    base: Arc<str>,
+    configured_model: Option<Arc<str>>,
+    model: Arc<OnceCell<String>>,
+    api_key: Option<Arc<str>>,
+    call_timeout: Duration,
+    retries: u32,
+    observer: Arc<dyn CallObserver>,
+    breaker: Arc<Breaker>,
+    admission: Option<Arc<Admission>>,
+}
+
+impl GpuClient {
+    pub fn new(
+        config: &Config,
+        observer: Arc<dyn CallObserver>,
+        breaker: Arc<Breaker>,
+        admission: Option<Arc<Admission>>,
+    ) -> anyhow::Result<GpuClient> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .build()?;
+        Ok(GpuClient {
+            http,
+            base: config.gpu_url.as_str().into(),
+            configured_model: config.gpu_model.as_deref().map(Into::into),
+            model: Arc::new(OnceCell::new()),
+            api_key: config.gpu_api_key.as_deref().map(Into::into),
+            call_timeout: config.gpu_timeout,
+            retries: config.gpu_retries,
+            observer,
+            breaker,
+            admission,
+        })
+    }
+
+    /// The model to ask for: configured, or the server's first model (asked once).
+    pub async fn model(&self, deadline: Instant) -> Result<String, GpuError> {
+        if let Some(m) = &self.configured_model {
+            return Ok(m.to_string());
+        }
+        self.model
+            .get_or_try_init(|| async {
+                let timeout = self.call_timeout.min(deadline.saturating_duration_since(Instant::now()));
+                let mut req = self.http.get(format!("{}/v1/models", self.base)).timeout(timeout);
+                if let Some(key) = &self.api_key {
+                    req = req.bearer_auth(key);
+                }
+                let resp = req.send().await.map_err(transport_error)?;
+                let status = resp.status().as_u16();
+                let body = read_capped(resp).await?;
+                if classify(status) != StatusClass::Ok {
+                    return Err(status_error(status, &body, None));
+                }
+                let v: Value = serde_json::from_slice(&body).map_err(|_| GpuError::Transient {
+                    message: "unreadable /v1/models answer".into(),
+                    retry_after: None,
+                    timed_out: false,
+                })?;
+                v["data"][0]["id"].as_str().map(str::to_string).ok_or_else(|| GpuError::Transient {
+                    message: "the GPU server lists no model".into(),
+                    retry_after: None,
+                    timed_out: false,
+                })
+            })
+            .await
+            .cloned()
+    }
+
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.breaker
+    }
+
+    /// One chat completion with bounded retries, finishing by `deadline`.
+    /// Every attempt asks the breaker first; while it is open no call is made.
+    pub async fn chat(
+        &self,
+        req: &ChatRequest,
+        deadline: Instant,
+        traceparent: &str,
+    ) -> Result<Completion, GpuError> {
+        let mut delays = backoff(self.retries);
+        loop {
+            let admitted = self.breaker.admit();
+            let timeout = match &admitted {
+                Admit::Reject => return Err(GpuError::BreakerOpen),
+                Admit::Probe(_) => self.breaker.settings.probe_timeout,
+                Admit::Call => self.call_timeout,
+            };
+            let result = self.chat_once(req, deadline, traceparent, timeout).await;
+            drop(admitted);
+            match result {
+                Ok(c) => return Ok(c),
+                Err(e) if e.is_retryable() => {
+                    let Some(mut delay) = delays.next() else { return Err(e) };
+                    if let GpuError::Transient { retry_after: Some(ra), .. } = &e {
+                        delay = delay.max(*ra);
+                    }
+                    if Instant::now() + delay >= deadline {
+                        return Err(e);
+                    }
+                    self.observer.on_retry();
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The breaker's probe: the smallest real request, with the probe timeout.
+    pub async fn probe(&self, traceparent: &str) -> Result<(), GpuError> {
+        let req = ChatRequest {
+            messages: vec![ChatMessage::user("ping")],
+            max_tokens: 1,
+            temperature: 0.0,
+            response_format: None,
+            user: Some("flota-probe".into()),
+            model: None,
+        };
+        let timeout = self.breaker.settings.probe_timeout;
+        self.chat_once(&req, Instant::now() + timeout, traceparent, timeout).await.map(|_| ())
+    }
+
+    /// One HTTP round trip, no retry; its verdict is recorded by the breaker.
+    async fn chat_once(
+        &self,
+        req: &ChatRequest,
+        deadline: Instant,
+        traceparent: &str,
+        timeout: Duration,
+    ) -> Result<Completion, GpuError> {
+        // The fleet-wide cap: wait for a slot (bounded by the deadline) before calling.
+        let _slot = match &self.admission {
+            Some(a) => Some(a.acquire(deadline).await?),
+            None => None,
+        };
+        let started = Instant::now();
+        let result = self.chat_once_inner(req, deadline, traceparent, timeout).await;
+        let elapsed = started.elapsed();
+        self.breaker.record(call_verdict(&result.as_ref().map(|_| ()), elapsed));
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(GpuError::Transient { timed_out: true, .. }) => "timeout",
+            Err(GpuError::Transient { .. }) => "unavailable",
+            Err(GpuError::Invalid { .. }) => "refused",
+            Err(GpuError::Deadline) => "deadline",
+            Err(GpuError::BreakerOpen) => "rejected",
+        };
+        self.observer.on_call(outcome, elapsed);
+        result
+    }
+
+    async fn chat_once_inner(
+        &self,
+        req: &ChatRequest,
+        deadline: Instant,
+        traceparent: &str,
+        call_timeout: Duration,
+    ) -> Result<Completion, GpuError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(GpuError::Deadline);
+        }
+        let model = match &req.model {
+            Some(m) => m.clone(),
+            None => self.model(deadline).await?,
+        };
+        let timeout = remaining.min(call_timeout);
+        let body = WireRequest {
+            model: &model,
+            messages: &req.messages,
+            max_tokens: req.max_tokens,
+            temperature: req.temperature,
+            response_format: req.response_format.as_ref(),
+            user: req.user.as_deref(),
+        };
+        let mut http = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .timeout(timeout)
+            .header("traceparent", traceparent)
+            .json(&body);
+        if let Some(key) = &self.api_key {
+            http = http.bearer_auth(key);
+        }
+        let resp = http.send().await.map_err(|e| {
+            if e.is_timeout() && Instant::now() >= deadline { GpuError::Deadline } else { transport_error(e) }
+        })?;
+        let status = resp.status().as_u16();
+        let retry_after = parse_retry_after(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()));
+        let bytes = read_capped(resp).await?;
+        if classify(status) != StatusClass::Ok {
+            return Err(status_error(status, &bytes, retry_after));
+        }
+        let wire: WireResponse = serde_json::from_slice(&bytes).map_err(|_| GpuError::Transient {
+            message: "unreadable completion body".into(),
+            retry_after: None,
+            timed_out: false,
+        })?;
+        let content = wire.choices.into_iter().next().and_then(|c| c.message.content).unwrap_or_default();
+        let usage = wire
+            .usage
+            .map(|u| Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens })
+            .unwrap_or_default();
+        Ok(Completion { content, usage })
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> GpuError {
+    GpuError::Transient {
+        // reqwest errors carry the URL, never credentials (the key is a header).
+        message: if e.is_timeout() {
+            "GPU call timed out".into()
+        } else if e.is_connect() {
+            "cannot connect to the GPU server".into()
+        } else {
+            "GPU transport error".into()
+        },
+        retry_after: None,
+        timed_out: e.is_timeout(),
+    }
+}
+
+fn status_error(status: u16, body: &[u8], retry_after: Option<Duration>) -> GpuError {
+    // The server's message can echo the prompt: keep only a short, bounded excerpt of its error text.
+    let text = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(|s| s.chars().take(200).collect::<String>()))
+        .unwrap_or_default();
+    match classify(status) {
+        StatusClass::Refused => GpuError::Invalid { status, message: text },
+        _ => GpuError::Transient { message: format!("HTTP {status}"), retry_after, timed_out: false },
+    }
+}
+
+async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, GpuError> {
+    let mut buf = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    return Err(GpuError::Transient {
+                        message: "GPU response larger than the cap".into(),
+                        retry_after: None,
+                        timed_out: false,
+                    });
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf),
+            Err(e) => return Err(transport_error(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(200), StatusClass::Ok);
+        assert_eq!(classify(429), StatusClass::Retry);
+        assert_eq!(classify(500), StatusClass::Retry);
+        assert_eq!(classify(503), StatusClass::Retry);
+        assert_eq!(classify(400), StatusClass::Refused);
+        assert_eq!(classify(404), StatusClass::Refused);
+        assert_eq!(classify(401), StatusClass::Refused);
+    }
+
+    #[test]
+    fn retry_after_parsing() {
+        assert_eq!(parse_retry_after(Some("2")), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(Some(" 10 ")), Some(Duration::from_secs(10)));
+        assert_eq!(parse_retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
+        assert_eq!(parse_retry_after(None), None);
+        assert_eq!(parse_retry_after(Some("100000")), Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_jittered() {
+        let delays: Vec<_> = backoff(4).collect();
+        assert_eq!(delays.len(), 4);
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn four_hundreds_are_final_and_errors_do_not_echo_much() {
+        let long = format!("{{\"error\":{{\"message\":\"{}\"}}}}", "x".repeat(5000));
+        match status_error(400, long.as_bytes(), None) {
+            GpuError::Invalid { status, message } => {
+                assert_eq!(status, 400);
+                assert!(message.len() <= 200);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(status_error(503, b"", Some(Duration::from_secs(1))).is_retryable());
+    }
+}
