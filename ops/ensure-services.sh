@@ -113,10 +113,25 @@ ensure_test_tools() {
   return 0
 }
 
+# A broker under a memory or disk alarm accepts connections but blocks every
+# publisher: everything would hang instead of failing. Say so up front.
+check_rabbitmq_alarms() {
+  local url="${FLOTA_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+  is_local "$(url_host "$url")" || return 0
+  command -v rabbitmq-diagnostics >/dev/null 2>&1 || return 0
+  local out
+  if out=$($SUDO timeout 60 rabbitmq-diagnostics -q check_alarms 2>&1); then return 0; fi
+  case "$out" in
+    *alarm*) die "RabbitMQ reports a resource alarm, publishers would block: $out" ;;
+    *) log "could not check RabbitMQ alarms (continuing): ${out:0:200}" ;;
+  esac
+}
+
 main() {
   ensure_build_tools
   ensure_redis
   ensure_rabbitmq
+  check_rabbitmq_alarms
   if [ "${1:-}" = "--test-tools" ]; then ensure_test_tools; fi
 }
 

@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 ./ops/ensure-services.sh --test-tools
 # Integration tests start the real binaries (gpusim, scheduler, workers).
 cargo build --workspace --bins
-cargo test --workspace --no-fail-fast "$@"
+# A bound on the whole run: a hang (say, a broker that stops answering) fails
+# loudly here instead of running past CI's limit. The suite takes minutes.
+timeout --kill-after=30s "${FLOTA_TEST_TIMEOUT:-45m}" cargo test --workspace --no-fail-fast "$@"

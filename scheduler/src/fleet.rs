@@ -406,7 +406,7 @@ pub async fn cleanup_prefix(config: &Config) -> anyhow::Result<()> {
     let topo = flota_shared::amqp::Topology::new(&config.prefix);
     let conn = flota_shared::amqp::connect(config, "flota cleanup").await?;
     let mut channel = conn.create_channel().await?;
-    for q in topo.all_queues().into_iter().chain([crate::results::plans_queue(&topo)]) {
+    for q in topo.all_queues() {
         // A failed delete closes the channel; carry on with a fresh one.
         if channel.queue_delete(ShortString::from(q), QueueDeleteOptions::default()).await.is_err() {
             channel = conn.create_channel().await?;

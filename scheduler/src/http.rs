@@ -241,13 +241,7 @@ async fn task(State(state): State<AppState>, Path(id): Path<String>) -> Response
 
 pub async fn queue_list(state: &AppState) -> Vec<Value> {
     let mut out = Vec::new();
-    for q in state
-        .broker
-        .topology()
-        .all_queues()
-        .into_iter()
-        .chain([crate::results::plans_queue(state.broker.topology())])
-    {
+    for q in state.broker.topology().all_queues() {
         if let Ok((messages, consumers)) = state.broker.queue_info(&q).await {
             out.push(json!({"name": q, "messages": messages, "consumers": consumers}));
         }

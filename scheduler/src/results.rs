@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use flota_shared::amqp::{self, HEADER_ERROR, HEADER_REASON, Topology, long_string, with_headers};
+use flota_shared::amqp::{self, HEADER_ERROR, HEADER_REASON, long_string, with_headers};
 use flota_shared::envelope::{ErrorCode, Intent, InterpretOutput, Kind, ResultEnvelope, Status};
 use flota_shared::telemetry::TraceParent;
 
@@ -36,10 +36,6 @@ const RECORD_BACKOFF_MAX: Duration = Duration::from_secs(2);
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
-
-pub fn plans_queue(topo: &Topology) -> String {
-    format!("{}.plans", topo.prefix())
-}
 
 /// Run until `shutdown`; then stop consuming and finish the deliveries in hand.
 pub async fn run(state: AppState, shutdown: CancellationToken) {
@@ -84,14 +80,14 @@ async fn session(
     );
     channel
         .queue_declare(
-            ShortString::from(plans_queue(&topo)),
+            ShortString::from(topo.plans_queue()),
             QueueDeclareOptions { durable: true, ..Default::default() },
             args,
         )
         .await?;
     channel
         .queue_bind(
-            ShortString::from(plans_queue(&topo)),
+            ShortString::from(topo.plans_queue()),
             ShortString::from(topo.events_exchange()),
             ShortString::from(plans::EVENT_APPROVED),
             QueueBindOptions::default(),
@@ -111,7 +107,7 @@ async fn session(
     plans_channel.basic_qos(16, BasicQosOptions::default()).await?;
     let approved = plans_channel
         .basic_consume(
-            ShortString::from(plans_queue(&topo)),
+            ShortString::from(topo.plans_queue()),
             ShortString::from("flota-scheduler-plans"),
             BasicConsumeOptions::default(),
             FieldTable::default(),

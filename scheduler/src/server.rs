@@ -27,7 +27,10 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     tasks.close();
     // Each task bounds its own drain by the grace; this bounds them all, with a margin.
     if tokio::time::timeout(grace + std::time::Duration::from_secs(5), tasks.wait()).await.is_err() {
-        tracing::warn!(message = "Drain exceeded the shutdown grace; stopping anyway.", grace_s = grace.as_secs());
+        tracing::warn!(
+            message = "Drain exceeded the shutdown grace; stopping anyway.",
+            grace_s = grace.as_secs()
+        );
     }
     served?;
     Ok(())

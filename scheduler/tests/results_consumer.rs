@@ -49,10 +49,7 @@ async fn a_result_delivered_twice_is_recorded_once() {
         h.metric("flota_results_duplicate_total").await >= 1.0
     })
     .await;
-    assert_eq!(
-        h.metric("flota_results_recorded_total{kind=\"interpret\",status=\"succeeded\"}").await,
-        1.0
-    );
+    assert_eq!(h.metric("flota_results_recorded_total{kind=\"interpret\",status=\"succeeded\"}").await, 1.0);
     assert_eq!(h.metric("flota_results_duplicate_total").await, 1.0);
     let (status, v) = h.get_json("/v1/tasks/r-1").await;
     assert_eq!(status, 200);
@@ -61,7 +58,8 @@ async fn a_result_delivered_twice_is_recorded_once() {
     assert!(v["result"]["worker"] == "worker-a" || v["result"]["worker"] == "worker-b", "{v}");
     assert_eq!(v["result"]["output"]["intent"], "open_work");
     // Both acked: nothing left in the scheduler's queue, nothing dead.
-    h.eventually("the results queue to drain", || async { h.depth(&h.topo.results_queue()).await == 0 }).await;
+    h.eventually("the results queue to drain", || async { h.depth(&h.topo.results_queue()).await == 0 })
+        .await;
     assert_eq!(h.depth(&h.topo.dead_queue()).await, 0);
     h.stop().await;
 }
@@ -119,8 +117,10 @@ async fn garbage_is_dead_lettered_and_failures_are_announced() {
     let body: Value = serde_json::from_slice(&event.data).unwrap();
     assert_eq!((body["id"].as_str(), body["error"]["code"].as_str()), (Some("f-1"), Some("gpu_unavailable")));
     assert_eq!(event.properties.message_id().as_ref().map(|m| m.as_str()), Some("f-1"));
-    h.eventually("the duplicate handled", || async { h.metric("flota_results_duplicate_total").await >= 1.0 })
-        .await;
+    h.eventually("the duplicate handled", || async {
+        h.metric("flota_results_duplicate_total").await >= 1.0
+    })
+    .await;
     let (_, v) = h.get_json("/v1/tasks/f-1").await;
     assert_eq!(v["status"], "failed");
     // The duplicate did not announce it again.

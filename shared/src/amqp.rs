@@ -73,6 +73,10 @@ impl Topology {
     pub fn retry_queue(&self, kind: Kind, tier_ms: u64) -> String {
         format!("{}.retry.{}.{}ms", self.prefix, kind.as_str(), tier_ms)
     }
+    /// The scheduler's own queue of approved plans (declared by the scheduler).
+    pub fn plans_queue(&self) -> String {
+        format!("{}.plans", self.prefix)
+    }
 
     /// Every queue Flota declares under this prefix, in display order.
     pub fn all_queues(&self) -> Vec<String> {
@@ -87,6 +91,7 @@ impl Topology {
                 q.push(self.retry_queue(kind, tier));
             }
         }
+        q.push(self.plans_queue());
         q
     }
 
@@ -115,10 +120,23 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Connection> 
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
     let tls = tls_config(config)?;
     let runtime = lapin::runtime::default_runtime()?;
-    Connection::connect_with_config(&config.amqp_url, props, tls, runtime)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {}: {e}", redact_url(&config.amqp_url)))
+    let url = redact_url(&config.amqp_url);
+    // A TCP peer that accepts but never speaks AMQP would otherwise hang here.
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect_with_config(&config.amqp_url, props, tls, runtime),
+    )
+    .await
+    {
+        Ok(conn) => conn.map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {url}: {e}")),
+        Err(_) => {
+            anyhow::bail!("cannot connect to RabbitMQ at {url}: no handshake within {CONNECT_TIMEOUT:?}")
+        }
+    }
 }
+
+/// Bound on the AMQP handshake (TCP, TLS, open).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn tls_config(config: &Config) -> anyhow::Result<OwnedTLSConfig> {
     let cert_chain = match &config.tls_ca_file {
@@ -215,7 +233,16 @@ pub enum PublishError {
     Nacked,
     #[error("publish failed: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("no confirm from the broker within {0:?} (is it blocked by a resource alarm?)")]
+    ConfirmTimeout(Duration),
 }
+
+/// How long a publish waits for its confirm. A broker under a memory or disk
+/// alarm blocks publishers silently; without a bound, the caller would hang
+/// forever holding its delivery. Callers treat this like any failed publish:
+/// the delivery stays unacked, and a late confirm only makes a duplicate that
+/// the scheduler's record-once absorbs.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A channel in confirm mode. Clone freely; clones share the channel.
 #[derive(Clone)]
@@ -247,14 +274,19 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let confirm = self
-            .channel
-            .basic_publish(s(exchange), s(routing_key), BasicPublishOptions::default(), body, properties)
-            .await?;
-        match confirm.await? {
-            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Nack(_) => Err(PublishError::Nacked),
-        }
+        let publish = async {
+            let confirm = self
+                .channel
+                .basic_publish(s(exchange), s(routing_key), BasicPublishOptions::default(), body, properties)
+                .await?;
+            match confirm.await? {
+                Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+                Confirmation::Nack(_) => Err(PublishError::Nacked),
+            }
+        };
+        tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+            .await
+            .unwrap_or(Err(PublishError::ConfirmTimeout(CONFIRM_TIMEOUT)))
     }
 }
 

@@ -179,6 +179,22 @@ impl TestEnv {
     }
 }
 
+impl Drop for TestEnv {
+    /// A failed assertion unwinds past `cleanup`; delete the prefix anyway so a
+    /// red test does not leave queues and keys behind on a shared broker.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let config = self.config.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(flota_scheduler::fleet::cleanup_prefix(&config)).ok()
+        })
+        .join();
+    }
+}
+
 pub struct DeadLetter {
     pub reason: Option<String>,
     pub error: Option<String>,

@@ -38,7 +38,7 @@ pub async fn queues(config: &Config) -> anyhow::Result<Vec<(String, u32, u32)>> 
     let topo = Topology::new(&config.prefix);
     let conn = amqp::connect(config, "flotactl queues").await?;
     let mut out = Vec::new();
-    for q in topo.all_queues().into_iter().chain([format!("{}.plans", config.prefix)]) {
+    for q in topo.all_queues() {
         // A passive declare of a missing queue closes its channel: one channel per queue.
         let channel = conn.create_channel().await?;
         if let Ok(info) = channel
