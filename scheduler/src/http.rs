@@ -74,7 +74,7 @@ fn guard(state: &AppState, headers: &HeaderMap) -> Option<Response> {
 
 /// The request body, or the JSON answer to a body that could not be read
 /// (413 over [`MAX_REQUEST_BYTES`]; axum's own rejection is plain text).
-fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Box<Response>> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             err(
@@ -85,6 +85,7 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
         } else {
             err(rejection.status(), "bad_request", json!({"message": rejection.body_text()}))
         }
+        .into()
     })
 }
 
@@ -102,7 +103,7 @@ async fn submit(
     }
     let body = match read_body(body) {
         Ok(b) => b,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -300,7 +301,7 @@ async fn put_council(
     }
     let body = match read_body(body) {
         Ok(b) => b,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     let mut value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -363,7 +364,7 @@ async fn post_plan(
     }
     let body = match read_body(body) {
         Ok(b) => b,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     let plan: PlanApproved = match serde_json::from_slice(&body) {
         Ok(p) => p,

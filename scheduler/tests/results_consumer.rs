@@ -32,7 +32,12 @@ fn result(id: &str, status: &str, worker: &str) -> Value {
 
 async fn publish_result(h: &Harness, id: &str, body: &[u8]) {
     h.publisher
-        .publish(&h.topo.results_exchange(), "", body, amqp::message_properties(id, &"0".repeat(1)))
+        .publish(
+            &h.topo.results_exchange(),
+            "",
+            body,
+            amqp::message_properties(id, &flota_shared::telemetry::TraceParent::new_root().header()),
+        )
         .await
         .expect("result published");
 }
