@@ -6,6 +6,7 @@
 //! - [`results`]: consumes `P.results` and `plan.approved`; records once; acks after the record.
 //! - [`dependencies`]: releases or fails parked tasks; the dependency deadline sweep.
 //! - [`graph`]: dependency rules as pure functions (cycle detection at submit).
+//! - [`dataloss`]: notices Redis losing data under the fleet (epoch marker).
 //! - [`plans`]: approved plans → one deliberation per role; completion events, once each.
 //! - [`http`]: the API router; [`auth`]: bearer-token checks; `dashboard.html`: the dashboard.
 //! - [`broker`]: the publishing connection, rebuilt on demand; passive queue declares.
@@ -19,6 +20,7 @@ pub mod activity;
 pub mod auth;
 pub mod broker;
 pub mod ctl;
+pub mod dataloss;
 pub mod dependencies;
 pub mod fleet;
 pub mod graph;

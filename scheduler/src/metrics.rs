@@ -37,6 +37,7 @@ pub struct Metrics {
     pub queue_consumers: Family<QueueLabel, Gauge<i64, AtomicI64>>,
     pub parked: Gauge<i64, AtomicI64>,
     pub live_workers: Gauge<i64, AtomicI64>,
+    pub redis_data_loss: Counter,
     pub works_opened: Counter<u64, AtomicU64>,
     pub interpreter_latency: Histogram,
     pub proposals_accepted: Counter<u64, AtomicU64>,
@@ -66,6 +67,12 @@ impl Default for Metrics {
         r.register("flota_parked_tasks", "Tasks waiting for their dependencies", parked.clone());
         let live_workers = Gauge::default();
         r.register("flota_live_workers", "Workers with a fresh heartbeat", live_workers.clone());
+        let redis_data_loss = Counter::default();
+        r.register(
+            "flota_redis_data_loss",
+            "Times the scheduler found Redis had lost Flota's data (epoch marker gone)",
+            redis_data_loss.clone(),
+        );
         let works_opened = Counter::default();
         r.register(
             "wes_works_opened",
@@ -96,6 +103,7 @@ impl Default for Metrics {
             queue_consumers,
             parked,
             live_workers,
+            redis_data_loss,
             works_opened,
             interpreter_latency,
             proposals_accepted,

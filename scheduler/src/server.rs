@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::state::AppState;
-use crate::{http, results};
+use crate::{dataloss, http, results};
 
 /// Serve until `shutdown` is cancelled, then drain. `main` and the in-process
 /// tests both run the scheduler through this.
@@ -18,6 +18,7 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     tasks.spawn(results::run(state.clone(), shutdown.clone()));
     tasks.spawn(state.deps.clone().run(shutdown.clone()));
     tasks.spawn(results::refresh_gauges(state.clone(), shutdown.clone()));
+    tasks.spawn(dataloss::watch(state.clone(), shutdown.clone()));
     let server_shutdown = shutdown.clone();
     let served = axum::serve(listener, http::app(state))
         .with_graceful_shutdown(async move { server_shutdown.cancelled().await })

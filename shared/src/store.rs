@@ -96,6 +96,11 @@ impl Keys {
     pub fn workers_pattern(&self) -> String {
         format!("{}:worker:*", self.tag)
     }
+    /// A marker only the fleet writes: if it vanishes or changes under a
+    /// running scheduler, Redis lost data (see `flota_scheduler::dataloss`).
+    pub fn epoch(&self) -> String {
+        format!("{}:epoch", self.tag)
+    }
     /// Every key of this prefix matches this pattern (cleanup in tests and tools).
     pub fn pattern(&self) -> String {
         format!("{}:*", self.tag)
@@ -626,6 +631,20 @@ impl Store {
         let _: i64 =
             redis::cmd("HDEL").arg(self.keys.plan_events(id)).arg(field).query_async(&mut *c).await?;
         Ok(())
+    }
+
+    /// Set the data epoch marker to `candidate` if it is absent (`SET NX GET`,
+    /// one atomic step) and return what it held before: `None` means it was
+    /// absent and now holds `candidate`.
+    pub async fn swap_epoch(&self, candidate: &str) -> Result<Option<String>, StoreError> {
+        let mut c = self.conn().await?;
+        Ok(redis::cmd("SET")
+            .arg(self.keys.epoch())
+            .arg(candidate)
+            .arg("NX")
+            .arg("GET")
+            .query_async(&mut *c)
+            .await?)
     }
 
     /// Tasks parked on dependencies now.

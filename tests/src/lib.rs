@@ -6,8 +6,10 @@
 //! - [`TestEnv`]: a prefix, its config, AMQP/Redis access, publishing raw
 //!   messages, tapping results and dead letters, cleanup.
 //! - [`procs`]: starting the workspace's binaries as child processes.
+//! - [`private_redis`]: a throwaway `redis-server` a test may kill and restart.
 //! - [`proxy`]: a TCP fault proxy (cut, black-hole, delay) in front of RabbitMQ or Redis.
 
+pub mod private_redis;
 pub mod procs;
 pub mod proxy;
 
@@ -42,8 +44,15 @@ pub struct TestEnv {
 impl TestEnv {
     /// A fresh prefix with the topology declared.
     pub async fn new(name: &str) -> TestEnv {
+        TestEnv::with_vars(name, &[]).await
+    }
+
+    /// Like [`TestEnv::new`], with configuration variables overridden (say,
+    /// `FLOTA_REDIS_URL` of a private Redis); children get them through [`TestEnv::env`].
+    pub async fn with_vars(name: &str, overrides: &[(&str, &str)]) -> TestEnv {
         let prefix = format!("t-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let vars = HashMap::from([("FLOTA_PREFIX".to_string(), prefix.clone())]);
+        let mut vars = HashMap::from([("FLOTA_PREFIX".to_string(), prefix.clone())]);
+        vars.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::from_lookup(|k| vars.get(k).cloned().or_else(|| std::env::var(k).ok()))
             .expect("test configuration");
         let conn = amqp::connect(&config, &format!("test {prefix}")).await.expect("RabbitMQ reachable");
