@@ -179,16 +179,26 @@ async fn cut_connections_under_the_fleet_lose_and_double_nothing() {
     let redis_proxy = FaultProxy::start("127.0.0.1:6379".parse().unwrap()).await;
     let amqp_url = env.config.amqp_url.replace("127.0.0.1:5672", &amqp_proxy.addr.to_string());
     let redis_url = env.config.redis_url.replace("127.0.0.1:6379", &redis_proxy.addr.to_string());
-    let mut worker_env: Vec<(String, String)> =
+    let mut fleet_env: Vec<(String, String)> =
         env.env().into_iter().filter(|(k, _)| !k.ends_with("_URL")).collect();
-    worker_env.push(("FLOTA_AMQP_URL".into(), amqp_url));
-    worker_env.push(("FLOTA_REDIS_URL".into(), redis_url));
-    let _w = procs::worker(&worker_env, &gpu.url(), &[]).await;
+    fleet_env.push(("FLOTA_AMQP_URL".into(), amqp_url));
+    fleet_env.push(("FLOTA_REDIS_URL".into(), redis_url));
+    // The scheduler sits behind the proxies too: it records every result and
+    // releases the dependents below across the cuts.
+    let scheduler = procs::scheduler(&fleet_env, &[]).await;
+    let _w = procs::worker(&fleet_env, &gpu.url(), &[]).await;
     let mut tap = env.tap_results().await;
     let n = 1000;
+    let dependents = 50;
+    for i in 0..dependents {
+        let mut t = interp(&format!("d-{i}"));
+        t["depends_on"] = json!([format!("c-{}", i * 19)]);
+        env.publish_task(&t).await;
+    }
     for i in 0..n {
         env.publish_task(&interp(&format!("c-{i}"))).await;
     }
+    let total = n + dependents;
     let mut seen: HashMap<String, Status> = HashMap::new();
     for cut in 0..3 {
         while seen.len() < (cut + 1) * 200 {
@@ -200,12 +210,33 @@ async fn cut_connections_under_the_fleet_lose_and_double_nothing() {
             redis_proxy.cut_all();
         }
     }
-    while seen.len() < n {
+    while seen.len() < total {
         let r = tap.next().await.expect("processing resumes after the cuts");
         seen.insert(r.id.clone(), r.status);
     }
     assert!(seen.values().all(|s| *s == Status::Succeeded));
-    assert_applied_once(&env, (0..n).map(|i| format!("c-{i}"))).await;
+    assert_applied_once(
+        &env,
+        (0..n).map(|i| format!("c-{i}")).chain((0..dependents).map(|i| format!("d-{i}"))),
+    )
+    .await;
+    // The scheduler reconnected and recorded each task exactly once.
+    let deadline = tokio::time::Instant::now() + flota_tests::PATIENCE;
+    loop {
+        let scrape =
+            reqwest::get(format!("{}/metrics", scheduler.url())).await.unwrap().text().await.unwrap();
+        let recorded: f64 = scrape
+            .lines()
+            .filter(|l| l.starts_with("flota_results_recorded_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(recorded <= total as f64, "recorded more than once: {recorded} > {total}");
+        if recorded == total as f64 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the scheduler recorded {recorded} of {total}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     env.cleanup().await;
 }
 
