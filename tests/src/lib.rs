@@ -6,9 +6,11 @@
 //! - [`TestEnv`]: a prefix, its config, AMQP/Redis access, publishing raw
 //!   messages, tapping results and dead letters, cleanup.
 //! - [`procs`]: starting the workspace's binaries as child processes.
+//! - [`private_rabbitmq`]: a throwaway RabbitMQ node a test may crash and restart.
 //! - [`private_redis`]: a throwaway `redis-server` a test may kill and restart.
 //! - [`proxy`]: a TCP fault proxy (cut, black-hole, delay) in front of RabbitMQ or Redis.
 
+pub mod private_rabbitmq;
 pub mod private_redis;
 pub mod procs;
 pub mod proxy;
@@ -186,6 +188,18 @@ impl TestEnv {
         let _ = self.store.delete_all().await;
         let _ = self.conn.close(200, ShortString::from("test done")).await;
     }
+}
+
+/// How many results a scheduler has recorded (once per task id), from its
+/// `/metrics`; `None` while it does not answer.
+pub async fn recorded_total(scheduler_url: &str) -> Option<u64> {
+    let scrape = reqwest::get(format!("{scheduler_url}/metrics")).await.ok()?.text().await.ok()?;
+    let total: f64 = scrape
+        .lines()
+        .filter(|l| l.starts_with("flota_results_recorded_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(total as u64)
 }
 
 impl Drop for TestEnv {

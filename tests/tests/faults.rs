@@ -223,15 +223,9 @@ async fn cut_connections_under_the_fleet_lose_and_double_nothing() {
     // The scheduler reconnected and recorded each task exactly once.
     let deadline = tokio::time::Instant::now() + flota_tests::PATIENCE;
     loop {
-        let scrape =
-            reqwest::get(format!("{}/metrics", scheduler.url())).await.unwrap().text().await.unwrap();
-        let recorded: f64 = scrape
-            .lines()
-            .filter(|l| l.starts_with("flota_results_recorded_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        assert!(recorded <= total as f64, "recorded more than once: {recorded} > {total}");
-        if recorded == total as f64 {
+        let recorded = flota_tests::recorded_total(&scheduler.url()).await.unwrap_or(0);
+        assert!(recorded <= total as u64, "recorded more than once: {recorded} > {total}");
+        if recorded == total as u64 {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "the scheduler recorded {recorded} of {total}");
