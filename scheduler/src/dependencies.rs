@@ -50,7 +50,7 @@ impl Dependencies {
         let kind = task["kind"].as_str().and_then(Kind::parse).unwrap_or(Kind::Interpret);
         let trace = TraceParent::new_root();
         if h.release {
-            tracing::info!(message = "Dependencies done; releasing task.", task_id = %h.id, trace_id = %trace.trace_id);
+            tracing::info!(message = "Releasing a waiting task (dependencies done or lock key free).", task_id = %h.id, trace_id = %trace.trace_id);
             self.broker
                 .publisher()
                 .await?
@@ -136,6 +136,14 @@ impl Dependencies {
             }
             if let Err(e) = self.sweep().await {
                 tracing::warn!(message = "Dependency deadline sweep failed.", error = %e);
+            }
+            // Waiters of lock keys whose holder died (its lease ran out) join the hand-offs.
+            match self.store.wake_orphaned_waiters(500).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(message = "Woke tasks waiting for lock keys nobody holds.", count = n)
+                }
+                Err(e) => tracing::warn!(message = "Lock-wait sweep failed.", error = %e),
             }
             // Hand-offs whose publish failed (broker away) are retried here.
             if let Err(e) = self.recover().await {

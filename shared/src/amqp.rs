@@ -115,8 +115,17 @@ fn s(v: impl Into<String>) -> ShortString {
     ShortString::from(v.into())
 }
 
+/// Two rustls crypto back-ends end up in the build (ring through lapin,
+/// aws-lc-rs through reqwest); with both present and none chosen, rustls
+/// panics on the first `ClientConfig::builder()` (redis-rs calls it for
+/// `rediss://`). Choose ring for the process, once; later calls are no-ops.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Connect with a name the broker's management UI shows, honouring a private CA.
 pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Connection> {
+    install_crypto_provider();
     let props = ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
     let tls = tls_config(config)?;
     let runtime = lapin::runtime::default_runtime()?;
@@ -138,7 +147,15 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Connection> 
 /// Bound on the AMQP handshake (TCP, TLS, open).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// TLS settings for `amqps://`: extra roots from `FLOTA_TLS_CA_FILE` (added to
+/// the system roots), and a client certificate from `FLOTA_TLS_CERT_FILE` +
+/// `FLOTA_TLS_KEY_FILE` (PEM certificate chain, PEM key in PKCS#8, PKCS#1 or
+/// SEC1 form) for brokers that require one. A certificate without a key (or the
+/// reverse) is refused by [`Config`]; files that do not parse fail the connect.
 fn tls_config(config: &Config) -> anyhow::Result<OwnedTLSConfig> {
+    let read = |var: &str, path: &str| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {var} {path}: {e}"))
+    };
     let cert_chain = match &config.tls_ca_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -146,7 +163,14 @@ fn tls_config(config: &Config) -> anyhow::Result<OwnedTLSConfig> {
         ),
         None => None,
     };
-    Ok(OwnedTLSConfig { identity: None, cert_chain })
+    let identity = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: read("FLOTA_TLS_CERT_FILE", cert)?,
+            key: read("FLOTA_TLS_KEY_FILE", key)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig { identity, cert_chain })
 }
 
 /// Quorum queue arguments shared by every work queue.

@@ -32,9 +32,18 @@ impl Keys {
     pub fn task_lock(&self, id: &str) -> String {
         format!("{}:lock:task:{id}", self.tag)
     }
-    /// A `lock_keys` resource lock.
+    /// A `lock_keys` resource lock. (`wake.lua` builds the same name from the tag.)
     pub fn resource_lock(&self, key: &str) -> String {
         format!("{}:lock:res:{key}", self.tag)
+    }
+    /// Bodies of tasks waiting for a resource lock, FIFO (built in Lua from the tag:
+    /// `claim.lua`, `unlock.lua`, `wake.lua`).
+    pub fn lock_waiters(&self, key: &str) -> String {
+        format!("{}:lockwait:{key}", self.tag)
+    }
+    /// The resource lock names that have waiters.
+    pub fn lock_waits(&self) -> String {
+        format!("{}:lockwaits", self.tag)
     }
     /// The fencing counter shared by all tasks.
     pub fn fence_counter(&self) -> String {
@@ -112,22 +121,32 @@ impl Keys {
 /// server against the system roots, or against `FLOTA_TLS_CA_FILE` when set;
 /// a certificate that does not verify is refused, never downgraded.
 pub fn pool(config: &Config, max_size: usize) -> anyhow::Result<Pool> {
+    crate::amqp::install_crypto_provider();
     let bad =
         |e: &dyn std::fmt::Display| anyhow::anyhow!("bad Redis URL {}: {e}", redact_url(&config.redis_url));
-    let info = match (&config.tls_ca_file, config.redis_url.starts_with("rediss://")) {
-        (Some(ca), true) => {
-            let root_cert =
-                std::fs::read(ca).map_err(|e| anyhow::anyhow!("cannot read FLOTA_TLS_CA_FILE {ca}: {e}"))?;
+    let custom_tls = config.tls_ca_file.is_some() || config.tls_cert_file.is_some();
+    let info = match (custom_tls, config.redis_url.starts_with("rediss://")) {
+        (true, true) => {
+            // No CA file: the system roots verify the server (a client certificate alone is fine).
+            let root_cert = match &config.tls_ca_file {
+                Some(ca) => Some(
+                    std::fs::read(ca)
+                        .map_err(|e| anyhow::anyhow!("cannot read FLOTA_TLS_CA_FILE {ca}: {e}"))?,
+                ),
+                None => None,
+            };
             let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
                 (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                    client_cert: std::fs::read(cert)?,
-                    client_key: std::fs::read(key)?,
+                    client_cert: std::fs::read(cert)
+                        .map_err(|e| anyhow::anyhow!("cannot read FLOTA_TLS_CERT_FILE {cert}: {e}"))?,
+                    client_key: std::fs::read(key)
+                        .map_err(|e| anyhow::anyhow!("cannot read FLOTA_TLS_KEY_FILE {key}: {e}"))?,
                 }),
                 _ => None,
             };
             let client = redis::Client::build_with_tls(
                 config.redis_url.as_str(),
-                redis::TlsCertificates { client_tls, root_cert: Some(root_cert) },
+                redis::TlsCertificates { client_tls, root_cert },
             )
             .map_err(|e| bad(&e))?;
             client.get_connection_info().clone()
@@ -174,6 +193,7 @@ pub struct Scripts {
     pub expire: Script,
     pub store_result: Script,
     pub admit: Script,
+    pub wake: Script,
 }
 
 impl Default for Scripts {
@@ -190,6 +210,7 @@ impl Default for Scripts {
             expire: Script::new(include_str!("../lua/expire.lua")),
             store_result: Script::new(include_str!("../lua/store_result.lua")),
             admit: Script::new(include_str!("../lua/admit.lua")),
+            wake: Script::new(include_str!("../lua/wake.lua")),
         }
     }
 }
@@ -200,6 +221,8 @@ pub enum Claim {
     Done(String),
     /// Another attempt holds the task.
     Busy,
+    /// Another task holds this lock key; the body waits in its list (ack, publish nothing).
+    Queued(String),
     /// This attempt runs the task under this fencing token.
     Run(String),
 }
@@ -234,11 +257,14 @@ impl Store {
         Ok(())
     }
 
-    /// Claim the task and all its `lock_keys` (all or nothing).
+    /// Claim the task and all its `lock_keys` (all or nothing). `body` is the
+    /// task as delivered: kept in the key's wait list when a lock key is taken.
+    #[allow(clippy::too_many_arguments)] // One Lua call, one argument per input.
     pub async fn claim(
         &self,
         id: &str,
         lock_keys: &[String],
+        body: &[u8],
         token: &str,
         lease: Duration,
         worker: &str,
@@ -254,17 +280,23 @@ impl Store {
         for k in lock_keys {
             script.key(self.keys.resource_lock(k));
         }
-        let reply: Vec<String> = script
+        script
             .arg(token)
             .arg(lease.as_millis() as u64)
             .arg(worker)
             .arg(kind)
             .arg(crate::envelope::now_rfc3339())
-            .invoke_async(&mut *c)
-            .await?;
+            .arg(self.keys.tag())
+            // Only a task with lock_keys can wait in a list; spare the bytes otherwise.
+            .arg(if lock_keys.is_empty() { &[][..] } else { body });
+        for k in lock_keys {
+            script.arg(k);
+        }
+        let reply: Vec<String> = script.invoke_async(&mut *c).await?;
         match reply.as_slice() {
             [tag, result] if tag == "done" => Ok(Claim::Done(result.clone())),
             [tag] if tag == "busy" => Ok(Claim::Busy),
+            [tag, key] if tag == "queued" => Ok(Claim::Queued(key.clone())),
             [tag, fence] if tag == "run" => Ok(Claim::Run(fence.clone())),
             _ => Err(StoreError::Reply("claim")),
         }
@@ -321,11 +353,43 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Release the locks still held with this token.
-    pub async fn unlock(&self, locks: &[String], token: &str) -> Result<u64, StoreError> {
+    /// Release the locks still held with this token (`locks` from [`Store::lock_set`]
+    /// with the same `lock_keys`). Returns the waiters woken: republish each, then
+    /// [`Store::handoff_done`]; one left behind is republished by the scheduler.
+    pub async fn unlock(
+        &self,
+        locks: &[String],
+        lock_keys: &[String],
+        token: &str,
+    ) -> Result<Vec<Handoff>, StoreError> {
         let mut c = self.conn().await?;
-        let n: u64 = self.scripts.unlock.key(locks).arg(token).invoke_async(&mut *c).await?;
-        Ok(n)
+        let mut script = self.scripts.unlock.prepare_invoke();
+        script.key(locks).arg(token).arg(self.keys.tag());
+        for k in lock_keys {
+            script.arg(k);
+        }
+        let flat: Vec<String> = script.invoke_async(&mut *c).await?;
+        Ok(flat
+            .get(1..)
+            .unwrap_or_default()
+            .chunks_exact(2)
+            .map(|c| Handoff { release: true, id: c[0].clone(), body: c[1].clone() })
+            .collect())
+    }
+
+    /// Wake one waiter of each lock key nobody holds (its holder died); they join
+    /// the pending hand-offs. Returns how many were woken.
+    pub async fn wake_orphaned_waiters(&self, max_keys: usize) -> Result<u64, StoreError> {
+        let mut c = self.conn().await?;
+        Ok(self
+            .scripts
+            .wake
+            .key(self.keys.lock_waits())
+            .key(self.keys.releasing())
+            .arg(self.keys.tag())
+            .arg(max_keys)
+            .invoke_async(&mut *c)
+            .await?)
     }
 
     /// Check dependencies or park the task until they are done (atomic).

@@ -8,12 +8,15 @@
 //! - [`procs`]: starting the workspace's binaries as child processes.
 //! - [`private_rabbitmq`]: a throwaway RabbitMQ node a test may crash and restart.
 //! - [`private_redis`]: a throwaway `redis-server` a test may kill and restart.
+//! - [`tls`]: a throwaway CA (openssl), a TLS-only private Redis, a TLS-terminating proxy
+//!   in front of RabbitMQ (optionally requiring client certificates).
 //! - [`proxy`]: a TCP fault proxy (cut, black-hole, delay) in front of RabbitMQ or Redis.
 
 pub mod private_rabbitmq;
 pub mod private_redis;
 pub mod procs;
 pub mod proxy;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::time::Duration;

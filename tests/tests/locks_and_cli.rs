@@ -8,12 +8,26 @@ use flota_tests::{TestEnv, procs};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
+/// One sample of a Prometheus scrape (0 when absent).
+fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn scrape(p: &procs::Proc) -> String {
+    reqwest::get(format!("{}/metrics", p.url())).await.unwrap().text().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_sharing_a_lock_key_never_overlap() {
     let env = TestEnv::new("lockkeys").await;
     let gpu = procs::gpusim(&["--base-ms", "100"]).await;
-    let _w1 = procs::worker(&env.env(), &gpu.url(), &[]).await;
-    let _w2 = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let w1 = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let w2 = procs::worker(&env.env(), &gpu.url(), &[]).await;
     let mut tap = env.tap_results().await;
     let n = 8;
     for i in 0..n {
@@ -30,6 +44,53 @@ async fn tasks_sharing_a_lock_key_never_overlap() {
     }
     // Waiting did not burn the delivery limit: nothing was dead-lettered.
     assert!(env.drain_dead().await.is_empty());
+    // Tasks did wait, and they waited queued behind the holder, woken by its
+    // unlock: not by polling through the delay queues.
+    let (m1, m2) = (scrape(&w1).await, scrape(&w2).await);
+    let waits = sample(&m1, "flota_lock_waits_total") + sample(&m2, "flota_lock_waits_total");
+    let retries = ["flota_task_retries_total", "flota_busy_retries_total"]
+        .iter()
+        .map(|series| sample(&m1, series) + sample(&m2, series))
+        .sum::<f64>();
+    assert!(waits >= 1.0, "8 tasks on one key on two workers: some must have waited");
+    assert_eq!(retries, 0.0, "a lock wait went through the delay queues");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_a_dead_holder_are_woken_when_its_lease_runs_out() {
+    let env = TestEnv::new("lockdead").await;
+    let gpu = procs::gpusim(&["--base-ms", "50"]).await;
+    let _scheduler = procs::scheduler(&env.env(), &[]).await;
+    let _w = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let mut tap = env.tap_results().await;
+    // What a worker killed while holding the key leaves behind: the lock, with a
+    // lease, and nobody who will ever unlock it.
+    let mut c = env.store.conn().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(env.store.keys.resource_lock("valve-9"))
+        .arg("dead-holder")
+        .arg("PX")
+        .arg(3000)
+        .query_async(&mut *c)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        env.publish_task(&json!({"id": format!("ld-{i}"), "kind": "interpret", "lock_keys": ["valve-9"],
+            "input": {"message": format!("Actualiza el trabajo {i} de la válvula 9")}}))
+            .await;
+    }
+    // They queue behind the dead holder; when its lease runs out the scheduler's
+    // sweep wakes the first, and each finisher wakes the next.
+    let (results, _) = tap.collect_distinct(3).await;
+    for i in 0..3 {
+        let r = &results[&format!("ld-{i}")];
+        assert_eq!(r.status, flota_shared::envelope::Status::Succeeded, "ld-{i}: {:?}", r.error);
+    }
+    let len: u64 =
+        redis::cmd("LLEN").arg(env.store.keys.lock_waiters("valve-9")).query_async(&mut *c).await.unwrap();
+    assert_eq!(len, 0, "no one left waiting");
+    drop(c);
     env.cleanup().await;
 }
 

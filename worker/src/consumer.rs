@@ -24,6 +24,7 @@ use flota_shared::amqp::{
     with_headers,
 };
 use flota_shared::envelope::Kind;
+use flota_shared::store::Handoff;
 
 use crate::breaker::BreakerState;
 use crate::process::{Decision, WorkerCtx, process};
@@ -193,7 +194,7 @@ async fn handle(
 ) {
     let decision = process(ctx, &delivery.data, &delivery.properties, hand_back).await;
     let published = match &decision {
-        Decision::Report { id, body, traceparent, dead_letter } => {
+        Decision::Report { id, body, traceparent, dead_letter, .. } => {
             let props = amqp::message_properties(id, traceparent);
             match publisher.publish(&topo.results_exchange(), "", body, props).await {
                 Ok(()) => match dead_letter {
@@ -236,11 +237,37 @@ async fn handle(
                 // The channel died after the publish: the broker redelivers, the store answers.
                 tracing::warn!(message = "Ack failed after a confirmed publish; the task will be re-reported.", error = %e);
             }
+            if let Decision::Report { wake, .. } = &decision {
+                wake_waiters(ctx, publisher, topo, wake).await;
+            }
         }
         Err(e) => {
             tracing::warn!(message = "Publish not confirmed; returning the delivery.", error = %e);
             tokio::time::sleep(Duration::from_millis(200)).await;
             let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        }
+    }
+}
+
+/// Republish the tasks that waited for a lock key this task released, then
+/// clear their hand-offs. One that cannot be published stays in the hand-off
+/// hash, where the scheduler's sweep republishes it.
+async fn wake_waiters(ctx: &WorkerCtx, publisher: &Publisher, topo: &Topology, wake: &[Handoff]) {
+    for h in wake {
+        let kind = serde_json::from_str::<serde_json::Value>(&h.body)
+            .ok()
+            .and_then(|t| t["kind"].as_str().and_then(Kind::parse))
+            .unwrap_or(Kind::Interpret);
+        let trace = flota_shared::telemetry::TraceParent::new_root();
+        let props = amqp::task_properties(&h.id, &trace.header(), 0);
+        match publisher.publish(&topo.tasks_exchange(), kind.as_str(), h.body.as_bytes(), props).await {
+            Ok(()) => {
+                tracing::info!(message = "Lock key free; waiter handed back to the queue.", waiter_id = %h.id);
+                let _ = ctx.store.handoff_done(h).await;
+            }
+            Err(e) => {
+                tracing::warn!(message = "Waiter not republished; the scheduler's sweep will.", waiter_id = %h.id, error = %e)
+            }
         }
     }
 }

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub rereported: Counter,
     pub fenced: Counter,
     pub lock_waits: Counter,
+    pub busy_retries: Counter,
     pub breaker_state: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub breaker_transitions: Family<StateLabel, Counter>,
     pub consuming_deliberations: Gauge<i64, std::sync::atomic::AtomicI64>,
@@ -140,8 +141,14 @@ impl Default for Metrics {
         let lock_waits = Counter::default();
         registry.register(
             "flota_lock_waits",
-            "Deliveries that found their task or lock key held and were rescheduled",
+            "Deliveries that found their task or a lock key held: they wait (a lock key in its wait list)",
             lock_waits.clone(),
+        );
+        let busy_retries = Counter::default();
+        registry.register(
+            "flota_busy_retries",
+            "Deliveries whose task another attempt was running (a duplicate), looked at again via a delay queue",
+            busy_retries.clone(),
         );
 
         let breaker_state = Gauge::default();
@@ -182,6 +189,7 @@ impl Default for Metrics {
             rereported,
             fenced,
             lock_waits,
+            busy_retries,
         }
     }
 }

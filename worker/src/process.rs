@@ -20,7 +20,7 @@ use flota_shared::envelope::{
     self, DeliberateOutput, ErrorBody, ErrorCode, Intent, InterpretOutput, Kind, ResultEnvelope, Status,
     TaskEnvelope, TaskInput, Usage,
 };
-use flota_shared::store::{Claim, Finish, Park, Store};
+use flota_shared::store::{Claim, Finish, Handoff, Park, Store};
 use flota_shared::telemetry::TraceParent;
 
 use crate::error::{TaskError, Verdict, decide};
@@ -43,14 +43,22 @@ pub struct DeadLetter {
 #[derive(Debug)]
 pub enum Decision {
     /// Publish this result (confirmed), dead-letter a copy if asked, then ack.
-    Report { id: String, body: Vec<u8>, traceparent: String, dead_letter: Option<DeadLetter> },
+    /// `wake`: tasks that waited for a lock key this attempt released; republish them after.
+    Report {
+        id: String,
+        body: Vec<u8>,
+        traceparent: String,
+        dead_letter: Option<DeadLetter>,
+        wake: Vec<Handoff>,
+    },
     /// Nothing to report (no usable id): dead-letter, then ack.
     DeadLetter(DeadLetter),
     /// Republish through the delay tier for `delay` with this attempt number, then ack.
     Retry { attempt: u32, delay: Duration },
     /// Give the delivery back to the broker un-processed (shutdown, lost lease).
     HandBack,
-    /// Parked in Redis until its dependencies are done: ack, publish nothing.
+    /// Parked in Redis until its dependencies are done, or queued behind a held
+    /// lock key: ack, publish nothing (the release republishes it).
     Parked,
 }
 
@@ -124,7 +132,7 @@ pub async fn process(
         {
             return decision;
         }
-        run_claimed(ctx, task, trace, attempt, hand_back).await
+        run_claimed(ctx, body, task, trace, attempt, hand_back).await
     }
     .instrument_in(span)
     .await
@@ -152,6 +160,7 @@ async fn check_dependencies(
                 body: stored.into_bytes(),
                 traceparent: trace.child().header(),
                 dead_letter: None,
+                wake: Vec::new(),
             })
         }
         Ok(Park::Parked(pending)) => {
@@ -196,6 +205,7 @@ impl<F: std::future::Future> InstrumentIn for F {
 
 async fn run_claimed(
     ctx: &WorkerCtx,
+    raw: &[u8],
     task: TaskEnvelope,
     trace: TraceParent,
     attempt: u32,
@@ -206,7 +216,7 @@ async fn run_claimed(
     let locks = ctx.store.lock_set(&task.id, &task.lock_keys);
     let claim = match ctx
         .store
-        .claim(&task.id, &task.lock_keys, &token, lease, &ctx.config.worker_id, task.kind.as_str())
+        .claim(&task.id, &task.lock_keys, raw, &token, lease, &ctx.config.worker_id, task.kind.as_str())
         .await
     {
         Ok(c) => c,
@@ -226,12 +236,20 @@ async fn run_claimed(
                 body: stored.into_bytes(),
                 traceparent: trace.child().header(),
                 dead_letter: None,
+                wake: Vec::new(),
             };
         }
         Claim::Busy => {
             ctx.metrics.lock_waits.inc();
+            ctx.metrics.busy_retries.inc();
             tracing::info!(message = "Task held by another attempt; will look again later.");
             return Decision::Retry { attempt, delay: BUSY_RETRY_DELAY };
+        }
+        Claim::Queued(key) => {
+            // No polling: the holder's unlock hands this body back to the queue.
+            ctx.metrics.lock_waits.inc();
+            tracing::info!(message = "Lock key held by another task; queued behind it.", lock_key = %key);
+            return Decision::Parked;
         }
         Claim::Run(fence) => fence,
     };
@@ -266,7 +284,7 @@ async fn run_claimed(
         Ok(out) => out,
         Err(stop) => {
             // Apply nothing; the task runs again (or already did, under a newer fence).
-            let _ = ctx.store.unlock(&locks, &token).await;
+            let _ = ctx.store.unlock(&locks, &task.lock_keys, &token).await;
             if let Stop::LeaseLost = stop {
                 ctx.metrics.fenced.inc();
                 let _ = ctx.store.note_fenced(&task.id).await;
@@ -307,7 +325,7 @@ async fn run_claimed(
         }
         Err(err) => match decide(&err, attempt, ctx.config.max_attempts) {
             Verdict::RetryLater { delay, attempt: next } => {
-                let _ = ctx.store.unlock(&locks, &token).await;
+                let _ = ctx.store.unlock(&locks, &task.lock_keys, &token).await;
                 ctx.metrics.retries_scheduled.inc();
                 tracing::warn!(message = "Attempt failed; retrying later.", error = %err, next_attempt = next, delay_ms = delay.as_millis() as u64);
                 return Decision::Retry { attempt: next, delay };
@@ -326,9 +344,12 @@ async fn run_claimed(
     let body = result.to_json();
     let body_str = String::from_utf8_lossy(&body).into_owned();
     let finished = ctx.store.finish(&task.id, &token, &fence, result.status.as_str(), &body_str).await;
+    let mut wake = Vec::new();
     if finished.is_ok() && !task.lock_keys.is_empty() {
-        // finish.lua freed the task lock; free the resource locks too, so waiters go on.
-        let _ = ctx.store.unlock(&locks, &token).await;
+        // finish.lua freed the task lock; free the resource locks too and take the
+        // first waiter of each, republished once this result is out. If that fails,
+        // the scheduler's sweep republishes them from the hand-off hash.
+        wake = ctx.store.unlock(&locks, &task.lock_keys, &token).await.unwrap_or_default();
     }
     match finished {
         Ok(Finish::Applied) => {
@@ -339,7 +360,7 @@ async fn run_claimed(
                 error_code = result.error_code().map(|c| c.as_str()).unwrap_or(""),
                 duration_ms = elapsed.as_millis() as u64
             );
-            Decision::Report { id: task.id, body, traceparent: trace.child().header(), dead_letter }
+            Decision::Report { id: task.id, body, traceparent: trace.child().header(), dead_letter, wake }
         }
         Ok(Finish::Exists(stored)) => {
             ctx.metrics.rereported.inc();
@@ -348,6 +369,7 @@ async fn run_claimed(
                 body: stored.into_bytes(),
                 traceparent: trace.child().header(),
                 dead_letter: None,
+                wake,
             }
         }
         Ok(Finish::Fenced) => {
@@ -357,7 +379,7 @@ async fn run_claimed(
         }
         Err(e) => {
             tracing::warn!(message = "Cannot store result; handing the task back.", error = %e);
-            let _ = ctx.store.unlock(&locks, &token).await;
+            let _ = ctx.store.unlock(&locks, &task.lock_keys, &token).await;
             Decision::HandBack
         }
     }
@@ -567,7 +589,7 @@ async fn report_new(
     let token = uuid::Uuid::new_v4().simple().to_string();
     match ctx
         .store
-        .claim(id, &[], &token, ctx.config.lock_lease, &ctx.config.worker_id, result.kind.as_str())
+        .claim(id, &[], &[], &token, ctx.config.lock_lease, &ctx.config.worker_id, result.kind.as_str())
         .await
     {
         Ok(Claim::Done(stored)) => Decision::Report {
@@ -575,20 +597,28 @@ async fn report_new(
             body: stored.into_bytes(),
             traceparent: trace.child().header(),
             dead_letter,
+            wake: Vec::new(),
         },
-        Ok(Claim::Busy) => Decision::Retry { attempt, delay: BUSY_RETRY_DELAY },
+        Ok(Claim::Busy | Claim::Queued(_)) => Decision::Retry { attempt, delay: BUSY_RETRY_DELAY },
         Ok(Claim::Run(fence)) => {
             let body = result.to_json();
             match ctx.store.finish(id, &token, &fence, "failed", &String::from_utf8_lossy(&body)).await {
                 Ok(Finish::Applied) => {
                     ctx.metrics.task_finished(result.kind.as_str(), "failed", Duration::ZERO);
-                    Decision::Report { id: id.into(), body, traceparent: trace.child().header(), dead_letter }
+                    Decision::Report {
+                        id: id.into(),
+                        body,
+                        traceparent: trace.child().header(),
+                        dead_letter,
+                        wake: Vec::new(),
+                    }
                 }
                 Ok(Finish::Exists(stored)) => Decision::Report {
                     id: id.into(),
                     body: stored.into_bytes(),
                     traceparent: trace.child().header(),
                     dead_letter,
+                    wake: Vec::new(),
                 },
                 Ok(Finish::Fenced) => Decision::Retry { attempt, delay: BUSY_RETRY_DELAY },
                 Err(_) => Decision::HandBack,
