@@ -217,10 +217,11 @@ async fn record(
     shutdown: &CancellationToken,
 ) -> Result<bool, flota_shared::store::StoreError> {
     let body = String::from_utf8_lossy(body);
+    let token = uuid::Uuid::new_v4().simple().to_string();
     let mut delay = RECORD_BACKOFF_FIRST;
     let mut attempt = 1;
     loop {
-        match state.store.record(&result.id, result.status.as_str(), &body).await {
+        match state.store.record(&result.id, result.status.as_str(), &body, &token).await {
             Ok(first) => return Ok(first),
             Err(e) if attempt >= RECORD_ATTEMPTS || shutdown.is_cancelled() => return Err(e),
             Err(e) => {

@@ -522,7 +522,15 @@ impl Store {
     }
 
     /// Record a result at the scheduler; `true` the first time for this id.
-    pub async fn record(&self, id: &str, status: &str, result_json: &str) -> Result<bool, StoreError> {
+    /// Record a result once per id. Retries of one delivery pass the same
+    /// `token`, so a lost reply does not turn the first record into a "duplicate".
+    pub async fn record(
+        &self,
+        id: &str,
+        status: &str,
+        result_json: &str,
+        token: &str,
+    ) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
         let n: i64 = self
             .scripts
@@ -531,6 +539,7 @@ impl Store {
             .arg(status)
             .arg(result_json)
             .arg(crate::envelope::now_rfc3339())
+            .arg(token)
             .invoke_async(&mut *c)
             .await?;
         Ok(n == 1)

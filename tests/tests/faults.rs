@@ -231,6 +231,12 @@ async fn cut_connections_under_the_fleet_lose_and_double_nothing() {
         assert!(tokio::time::Instant::now() < deadline, "the scheduler recorded {recorded} of {total}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let dead = env.drain_dead().await;
+    assert!(
+        dead.is_empty(),
+        "dead-lettered across the cuts: {:?}",
+        dead.iter().map(|d| &d.reason).collect::<Vec<_>>()
+    );
     env.cleanup().await;
 }
 

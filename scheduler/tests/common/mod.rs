@@ -61,7 +61,9 @@ impl Harness {
             topo,
             store,
             url,
-            http: reqwest::Client::new(),
+            // No keep-alive: the server may close a connection after refusing an
+            // oversized body, and a pooled client would reuse it (broken pipe).
+            http: reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("http client"),
             conn,
             publisher,
             shutdown,
