@@ -193,6 +193,16 @@ impl TestEnv {
     }
 }
 
+/// One sample of a Prometheus scrape, by its full series name (0 when absent).
+pub fn metric_sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// How many results a scheduler has recorded (once per task id), from its
 /// `/metrics`; `None` while it does not answer.
 pub async fn recorded_total(scheduler_url: &str) -> Option<u64> {

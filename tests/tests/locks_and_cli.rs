@@ -4,19 +4,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use flota_tests::{TestEnv, procs};
+use flota_tests::{TestEnv, metric_sample as sample, procs};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-
-/// One sample of a Prometheus scrape (0 when absent).
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 async fn scrape(p: &procs::Proc) -> String {
     reqwest::get(format!("{}/metrics", p.url())).await.unwrap().text().await.unwrap()

@@ -6,18 +6,8 @@ use std::time::Duration;
 
 use flota_shared::amqp;
 use flota_shared::telemetry::TraceParent;
-use flota_tests::{TestEnv, procs};
+use flota_tests::{TestEnv, metric_sample as sample, procs};
 use serde_json::json;
-
-/// The value of one sample line (`name{labels} value`) of a scrape.
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_match_a_known_workload() {
