@@ -250,6 +250,31 @@ pub async fn declare_topology(channel: &Channel, topo: &Topology, delivery_limit
     Ok(())
 }
 
+/// Check, without declaring anything, that the queues and exchanges a worker
+/// uses exist. For a least-privilege worker user without `configure` (which
+/// in RabbitMQ also allows deleting): the scheduler or an operator declared
+/// the topology; passive declares need no permission.
+pub async fn check_topology(channel: &Channel, topo: &Topology) -> lapin::Result<()> {
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    for kind in Kind::ALL {
+        channel.queue_declare(s(topo.work_queue(kind)), passive, FieldTable::default()).await?;
+        for tier in RETRY_TIERS_MS {
+            channel.queue_declare(s(topo.retry_queue(kind, tier)), passive, FieldTable::default()).await?;
+        }
+    }
+    let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+    for e in topo.all_exchanges() {
+        channel.exchange_declare(s(e), ExchangeKind::Direct, passive, FieldTable::default()).await?;
+    }
+    Ok(())
+}
+
+/// The broker refused an operation for lack of permission (403).
+pub fn is_access_refused(e: &lapin::Error) -> bool {
+    let m = e.to_string();
+    m.contains("ACCESS_REFUSED") || m.contains("ACCESS-REFUSED")
+}
+
 /// Why a publish did not land.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

@@ -371,3 +371,42 @@ async fn rabbitmq_worker_user_runs_a_worker_and_cannot_delete_queues() {
     assert_eq!(depth, 0);
     env.cleanup().await;
 }
+
+/// The strictest worker user: no `configure` at all (in RabbitMQ, configure
+/// also allows deleting). The topology is declared beforehand (here by the
+/// test's admin user, in production by the scheduler or an operator); the
+/// worker checks it passively, runs tasks, and can delete nothing, not even
+/// its own work queues.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_user_without_configure_runs_tasks_and_cannot_delete_its_queues() {
+    let env = TestEnv::new("lp-noconf").await; // declares the topology as admin
+    let name = format!("flota-t-{}", &random_secret()[..10]);
+    let password = random_secret();
+    rabbitmqctl(&["add_user", &name, &password]).unwrap_or_else(|e| panic!("{e}"));
+    let _user = RabbitUser { name: name.clone() };
+    let [_, write, read] = worker_permissions(&env.prefix);
+    rabbitmqctl(&["set_permissions", "-p", "/", &name, "^$", &write, &read])
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let user_url = format!("amqp://{name}:{password}@127.0.0.1:5672/%2f");
+    let gpu = procs::gpusim(&[]).await;
+    let worker =
+        procs::worker(&vars_with(&env, &[("FLOTA_AMQP_URL", user_url.clone())]), &gpu.url(), &[]).await;
+    let mut tap = env.tap_results().await;
+    env.publish_task(&json!({"id": "nc-a", "kind": "interpret", "input": {"message": "Sí, confirmo"}})).await;
+    let (results, _) = tap.collect_distinct(1).await;
+    assert_eq!(results["nc-a"].status, Status::Succeeded, "{:?}", results["nc-a"]);
+    assert_eq!(worker.terminate().await, Some(0), "worker drains and exits 0");
+
+    let user_cfg = config_with(&env, &[("FLOTA_AMQP_URL", user_url)]);
+    let conn = amqp::connect(&user_cfg, "least privilege probe").await.expect("the worker user connects");
+    for q in [env.topo.work_queue(flota_shared::envelope::Kind::Interpret), env.topo.dead_queue()] {
+        let channel = conn.create_channel().await.expect("channel");
+        match channel.queue_delete(ShortString::from(q.clone()), QueueDeleteOptions::default()).await {
+            Ok(n) => panic!("deleting {q} must be refused to the worker user, got {n:?}"),
+            Err(e) => assert!(amqp::is_access_refused(&e), "deleting {q}: not ACCESS_REFUSED: {e}"),
+        }
+    }
+    let _ = conn.close(200, ShortString::from("done")).await;
+    env.cleanup().await;
+}
