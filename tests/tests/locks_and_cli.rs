@@ -199,3 +199,46 @@ async fn flotactl_submits_reports_bad_lines_and_works_the_dead_letters() {
     assert_eq!(workers.len(), 1);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flotactl_submit_reconnects_after_a_cut_connection() {
+    let env = TestEnv::new("cli-cut").await;
+    let proxy = flota_tests::proxy::FaultProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let url = env.config.amqp_url.replace("127.0.0.1:5672", &proxy.addr.to_string());
+    let n = 20_000;
+    let jsonl: Vec<String> = (0..n)
+        .map(|i| {
+            json!({"id": format!("cc-{i}"), "kind": "interpret", "input": {"message": "hola"}}).to_string()
+        })
+        .collect();
+    let mut cmd = tokio::process::Command::new(procs::binary("flotactl"));
+    cmd.args(["submit", "-"])
+        .envs(env.env())
+        .env("FLOTA_AMQP_URL", &url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("flotactl built");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(jsonl.join("\n").as_bytes()).await.unwrap();
+    drop(stdin);
+    // Cut the connection once the submit is under way.
+    let queue = env.topo.work_queue(flota_shared::envelope::Kind::Interpret);
+    let deadline = tokio::time::Instant::now() + flota_tests::PATIENCE;
+    let mut depth = 0;
+    while depth == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the submit never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        depth = env.queue_depth(&queue).await;
+    }
+    proxy.cut_all();
+    assert!(depth < n, "the cut came after the submit had finished; nothing was tested");
+    let out =
+        tokio::time::timeout(Duration::from_secs(300), child.wait_with_output()).await.unwrap().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
+    assert!(stdout.contains(&format!("published {n}, rejected 0")), "{stdout}");
+    // Every task is in the queue (a publish in flight at the cut may be there twice).
+    assert!(env.queue_depth(&queue).await >= n, "tasks lost across the cut");
+    env.cleanup().await;
+}

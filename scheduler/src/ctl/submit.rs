@@ -2,6 +2,8 @@
 //! stdin; each validated, the valid ones published straight to RabbitMQ with
 //! a window of outstanding confirms; invalid ones reported per line, never published.
 
+use std::time::Duration;
+
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use serde_json::Value;
@@ -76,40 +78,86 @@ pub fn validate(items: Vec<Item>) -> (Vec<TaskEnvelope>, Vec<String>) {
     (ok, bad)
 }
 
+/// Reconnects after a lost connection before `publish_all` gives up; the
+/// count starts again whenever a session confirms something.
+const RECONNECTS: u32 = 6;
+const RECONNECT_FIRST: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
 /// Publish with a window of outstanding confirms; calls `progress` per confirm.
+/// A dropped connection (broker restart, network cut) is survived: reconnect
+/// with backoff and publish what was not confirmed yet. A task whose publish
+/// was in flight may arrive twice; ids make that harmless (one execution).
 pub async fn publish_all(
     config: &Config,
     tasks: &[TaskEnvelope],
     progress: impl Fn(),
 ) -> anyhow::Result<usize> {
+    let mut confirmed = vec![false; tasks.len()];
+    let mut done = 0;
+    let mut failures = 0;
+    let mut delay = RECONNECT_FIRST;
+    loop {
+        let before = done;
+        match publish_session(config, tasks, &mut confirmed, &mut done, &progress).await {
+            Ok(()) => return Ok(done),
+            Err(e) => {
+                if done > before {
+                    failures = 0;
+                    delay = RECONNECT_FIRST;
+                }
+                failures += 1;
+                if failures > RECONNECTS {
+                    return Err(e.context(format!("published {done} of {}", tasks.len())));
+                }
+                tracing::warn!(message = "Broker connection lost while submitting; reconnecting.", error = %e, confirmed = done, delay_ms = delay.as_millis() as u64);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
+
+/// One connection's worth of `publish_all`: the unconfirmed tasks, in order.
+async fn publish_session(
+    config: &Config,
+    tasks: &[TaskEnvelope],
+    confirmed: &mut [bool],
+    done: &mut usize,
+    progress: &impl Fn(),
+) -> anyhow::Result<()> {
     let conn = amqp::connect(config, "flotactl submit").await?;
     let publisher = Publisher::open(&conn).await?;
     let topo = Topology::new(&config.prefix);
     amqp::declare_topology(publisher.channel(), &topo, config.delivery_limit).await?;
     let exchange = topo.tasks_exchange();
+    let pending: Vec<usize> = (0..tasks.len()).filter(|i| !confirmed[*i]).collect();
     let mut window = FuturesUnordered::new();
-    let mut done = 0;
-    for t in tasks {
+    let mut settle = |r: (usize, Result<(), amqp::PublishError>)| -> anyhow::Result<()> {
+        r.1?;
+        confirmed[r.0] = true;
+        *done += 1;
+        progress();
+        Ok(())
+    };
+    for i in pending {
+        let t = &tasks[i];
         let (publisher, exchange) = (publisher.clone(), exchange.clone());
         let body = t.to_json();
         let props = amqp::task_properties(&t.id, &TraceParent::new_root().header(), 0);
         let kind = t.kind.as_str();
-        window.push(async move { publisher.publish(&exchange, kind, &body, props).await });
+        window.push(async move { (i, publisher.publish(&exchange, kind, &body, props).await) });
         while window.len() >= WINDOW {
             if let Some(r) = window.next().await {
-                r?;
-                done += 1;
-                progress();
+                settle(r)?;
             }
         }
     }
     while let Some(r) = window.next().await {
-        r?;
-        done += 1;
-        progress();
+        settle(r)?;
     }
     let _ = conn.close(200, lapin::types::ShortString::from("done")).await;
-    Ok(done)
+    Ok(())
 }
 
 #[cfg(test)]
