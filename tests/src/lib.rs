@@ -178,8 +178,10 @@ impl TestEnv {
         got
     }
 
-    /// Delete this prefix's queues, exchanges and Redis keys.
+    /// Stop this prefix's workers and schedulers, then delete its queues,
+    /// exchanges and Redis keys.
     pub async fn cleanup(self) {
+        procs::kill_for_prefix(&self.prefix);
         if let Ok(channel) = self.conn.create_channel().await {
             for q in self.topo.all_queues() {
                 let _ = channel.queue_delete(ShortString::from(q), QueueDeleteOptions::default()).await;
@@ -222,6 +224,7 @@ impl Drop for TestEnv {
         if !std::thread::panicking() {
             return;
         }
+        procs::kill_for_prefix(&self.prefix);
         let config = self.config.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
