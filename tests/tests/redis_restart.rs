@@ -78,6 +78,10 @@ async fn without_persistence_the_loss_is_detected_and_reported() {
     let mut redis = PrivateRedis::start(false).await;
     let (env, _gpu, scheduler, _w1, _w2) = fleet_with_a_parked_task("redis-volatile", &redis).await;
     let mut tap = env.tap_results().await;
+    env.publish_task(&task("before", &[])).await;
+    let (results, _) = tap.collect_distinct(1).await;
+    assert_eq!(results.get("before").map(|r| r.status), Some(Status::Succeeded), "{results:?}");
+    let fence_before = fence_of(&env, "before").await.expect("a run leaves its fence");
 
     redis.crash_and_restart().await;
     assert_eq!(env.store.parked_count().await.ok(), Some(0), "the volatile Redis came back empty");
@@ -90,5 +94,16 @@ async fn without_persistence_the_loss_is_detected_and_reported() {
     env.publish_task(&task("after", &[])).await;
     let (results, _) = tap.collect_distinct(1).await;
     assert_eq!(results.get("after").map(|r| r.status), Some(Status::Succeeded), "{results:?}");
+    // The fencing token still only grows, though Redis forgot the counter.
+    let fence_after = fence_of(&env, "after").await.expect("a run leaves its fence");
+    assert!(fence_after > fence_before, "fence went back: {fence_after} after {fence_before}");
     env.cleanup().await;
+}
+
+/// The fencing token of a task's last run, from its state hash.
+async fn fence_of(env: &TestEnv, id: &str) -> Option<u128> {
+    let mut c = env.store.conn().await.ok()?;
+    let fence: Option<String> =
+        redis::cmd("HGET").arg(env.store.keys.task(id)).arg("fence").query_async(&mut *c).await.ok()?;
+    fence?.parse().ok()
 }
