@@ -217,6 +217,21 @@ pub async fn recorded_total(scheduler_url: &str) -> Option<u64> {
     Some(total as u64)
 }
 
+/// Wait until a scheduler has recorded at least `at_least` results, failing
+/// the test the moment it records more than `at_most` (bounded by PATIENCE).
+pub async fn wait_recorded(scheduler_url: &str, at_least: u64, at_most: u64) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let n = recorded_total(scheduler_url).await.unwrap_or(0);
+        assert!(n <= at_most, "recorded more than once: {n} > {at_most}");
+        if n >= at_least {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the scheduler recorded {n} of {at_least}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 impl Drop for TestEnv {
     /// A failed assertion unwinds past `cleanup`; delete the prefix anyway so a
     /// red test does not leave queues and keys behind on a shared broker.

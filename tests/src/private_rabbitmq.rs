@@ -26,7 +26,8 @@ impl PrivateRabbitMq {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let dir = std::env::temp_dir().join(format!("flota-rabbit-{id}"));
         std::fs::create_dir_all(&dir).expect("temp dir for the private RabbitMQ");
-        let (port, dist_port) = (free_port(), free_port());
+        let (port, dist_port) =
+            (crate::tls::free_port().expect("a free port"), crate::tls::free_port().expect("a free port"));
         let node = format!("flota-t-{id}@localhost");
         let child = boot(&node, port, dist_port, &dir).await;
         PrivateRabbitMq { child, node, port, dist_port, dir }
@@ -61,13 +62,6 @@ fn kill_group(child: &Child) {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 async fn boot(node: &str, port: u16, dist_port: u16, dir: &std::path::Path) -> Child {

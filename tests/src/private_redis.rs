@@ -20,7 +20,7 @@ impl PrivateRedis {
     /// Start one; `persistent` turns AOF on with an fsync per write, so even
     /// a SIGKILL loses nothing that was acknowledged.
     pub async fn start(persistent: bool) -> PrivateRedis {
-        let port = free_port();
+        let port = crate::tls::free_port().expect("a free port");
         let dir = std::env::temp_dir().join(format!("flota-redis-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("temp dir for the private Redis");
         let child = spawn(port, &dir, persistent).await;
@@ -44,13 +44,6 @@ impl Drop for PrivateRedis {
         let _ = self.child.start_kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 async fn spawn(port: u16, dir: &std::path::Path, persistent: bool) -> Child {

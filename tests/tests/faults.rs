@@ -221,16 +221,7 @@ async fn cut_connections_under_the_fleet_lose_and_double_nothing() {
     )
     .await;
     // The scheduler reconnected and recorded each task exactly once.
-    let deadline = tokio::time::Instant::now() + flota_tests::PATIENCE;
-    loop {
-        let recorded = flota_tests::recorded_total(&scheduler.url()).await.unwrap_or(0);
-        assert!(recorded <= total as u64, "recorded more than once: {recorded} > {total}");
-        if recorded == total as u64 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the scheduler recorded {recorded} of {total}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    flota_tests::wait_recorded(&scheduler.url(), total as u64, total as u64).await;
     let dead = env.drain_dead().await;
     assert!(
         dead.is_empty(),

@@ -4,11 +4,9 @@
 //! tasks parked before the crash are released after it; every task is applied
 //! and recorded exactly once.
 
-use std::time::Duration;
-
 use flota_shared::amqp::{self, Publisher};
 use flota_tests::private_rabbitmq::PrivateRabbitMq;
-use flota_tests::{PATIENCE, TestEnv, procs, recorded_total};
+use flota_tests::{TestEnv, procs, wait_recorded};
 use serde_json::json;
 
 fn task(id: &str, deps: &[String]) -> serde_json::Value {
@@ -28,19 +26,6 @@ async fn publish(publisher: &Publisher, env: &TestEnv, t: &serde_json::Value) {
         )
         .await
         .expect("publish confirmed");
-}
-
-async fn wait_recorded(scheduler_url: &str, at_least: u64, at_most: u64) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let n = recorded_total(scheduler_url).await.unwrap_or(0);
-        assert!(n <= at_most, "recorded more than once: {n} > {at_most}");
-        if n >= at_least {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the scheduler recorded {n} of {at_least}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
