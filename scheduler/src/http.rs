@@ -1,13 +1,15 @@
 //! The scheduler's HTTP API: `fn app(state) -> Router`. Routes per the
 //! contract plus councils, plans, workers and the dashboard's data.
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
@@ -28,6 +30,11 @@ pub const MAX_REQUEST_BYTES: usize = 4 * envelope::MAX_BODY_BYTES;
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Most tasks in one POST.
 pub const MAX_BATCH: usize = 1000;
+/// An oversized body up to this size is read to its end before the 413 (see
+/// [`bounded_body`]); a larger one gets the 413 at once and the connection closes.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+/// A request body must arrive within this.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub fn app(state: AppState) -> Router {
     Router::new()
@@ -45,7 +52,92 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(middleware::from_fn(bounded_body))
+        .layer(middleware::from_fn_with_state(state.clone(), read_guard))
         .with_state(state)
+}
+
+/// With `FLOTA_API_PROTECT_READS`, every `GET` but the probes needs the token
+/// (bearer header, or the cookie `/?token=…` sets for a browser). Mutating
+/// routes check the bearer header themselves ([`guard`]).
+async fn read_guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let probe = matches!(path, "/healthz" | "/readyz");
+    if !state.config.api_protect_reads || probe || !matches!(request.method().as_str(), "GET" | "HEAD") {
+        return next.run(request).await;
+    }
+    let token = state.config.api_token.as_deref();
+    if path == "/"
+        && let Some(given) = request.uri().query().and_then(auth::query_token)
+    {
+        // Dashboard sign-in: trade the query token for a cookie, and drop it from the address bar.
+        return match token {
+            Some(t) if auth::constant_time_eq(given.as_bytes(), t.as_bytes()) => (
+                StatusCode::SEE_OTHER,
+                [(header::LOCATION, "/".to_string()), (header::SET_COOKIE, auth::session_cookie(t))],
+            )
+                .into_response(),
+            _ => err(StatusCode::FORBIDDEN, "forbidden", json!({"message": "wrong token"})),
+        };
+    }
+    let headers = request.headers();
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let cookie = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
+    match auth::check_read(token, true, bearer, cookie) {
+        auth::Verdict::Allowed => next.run(request).await,
+        auth::Verdict::Missing => err(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            json!({"message": "Authorization: Bearer <token> required (a browser: open /?token=<token> once)"}),
+        ),
+        auth::Verdict::Wrong => err(StatusCode::FORBIDDEN, "forbidden", json!({"message": "wrong token"})),
+    }
+}
+
+fn payload_too_large() -> Response {
+    err(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        json!({"message": format!("request bodies are limited to {MAX_REQUEST_BYTES} bytes; split the batch")}),
+    )
+}
+
+/// Buffer the request body, at most [`MAX_REQUEST_BYTES`] of it. An oversized
+/// body is still read to its end (up to [`DRAIN_LIMIT`]) before the 413 is
+/// sent: a server that answers and closes with unread bytes in its socket makes
+/// the kernel reset the connection, and the client, still sending, would see
+/// "connection reset" instead of the 413 (nginx's lingering close, for the same reason).
+async fn bounded_body(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let declared =
+        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > DRAIN_LIMIT as u64) {
+        return payload_too_large();
+    }
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    let mut chunks = body.into_data_stream();
+    let read = async {
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            seen += chunk.len();
+            if seen <= MAX_REQUEST_BYTES {
+                kept.extend_from_slice(&chunk);
+            } else if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+        Ok::<(), axum::Error>(())
+    };
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Err(_) => return err(StatusCode::REQUEST_TIMEOUT, "request_timeout", json!({})),
+        Ok(Err(e)) => return err(StatusCode::BAD_REQUEST, "bad_request", json!({"message": e.to_string()})),
+        Ok(Ok(())) => {}
+    }
+    if seen > MAX_REQUEST_BYTES {
+        return payload_too_large();
+    }
+    next.run(Request::from_parts(parts, Body::from(kept))).await
 }
 
 fn err(status: StatusCode, code: &str, extra: Value) -> Response {
@@ -77,11 +169,7 @@ fn guard(state: &AppState, headers: &HeaderMap) -> Option<Response> {
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Box<Response>> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            err(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                json!({"message": format!("request bodies are limited to {MAX_REQUEST_BYTES} bytes; split the batch")}),
-            )
+            payload_too_large()
         } else {
             err(rejection.status(), "bad_request", json!({"message": rejection.body_text()}))
         }

@@ -25,6 +25,8 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
 pub const ENV_METRICS_ADDR: &str = "FLOTA_METRICS_ADDR";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 pub const ENV_API_TOKEN: &str = "FLOTA_API_TOKEN";
+/// `true`: the dashboard and the read routes need the token too (probes stay open).
+pub const ENV_API_PROTECT_READS: &str = "FLOTA_API_PROTECT_READS";
 pub const ENV_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 // Flota's own settings beyond the contract's table.
 pub const ENV_LOG_FORMAT: &str = "FLOTA_LOG_FORMAT";
@@ -71,6 +73,8 @@ pub struct Config {
     pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub api_token: Option<String>,
+    /// The dashboard, `GET /v1/*` and `/metrics` need the token too.
+    pub api_protect_reads: bool,
     pub otlp_endpoint: Option<String>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
@@ -216,6 +220,19 @@ impl Config {
             bad(ENV_TLS_KEY_FILE, format!("{ENV_TLS_CERT_FILE} and {ENV_TLS_KEY_FILE} go together"));
         }
 
+        let api_token = get(ENV_API_TOKEN);
+        let api_protect_reads = match get(ENV_API_PROTECT_READS).as_deref().map(str::trim) {
+            None | Some("false" | "0" | "no") => false,
+            Some("true" | "1" | "yes") => true,
+            Some(other) => {
+                bad(ENV_API_PROTECT_READS, format!("`{other}` must be `true` or `false`"));
+                false
+            }
+        };
+        if api_protect_reads && api_token.is_none() {
+            bad(ENV_API_PROTECT_READS, format!("protecting reads needs {ENV_API_TOKEN}"));
+        }
+
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -229,7 +246,8 @@ impl Config {
             concurrency,
             http_addr,
             metrics_addr,
-            api_token: get(ENV_API_TOKEN),
+            api_token,
+            api_protect_reads,
             otlp_endpoint: get(ENV_OTLP_ENDPOINT),
             log_format,
             shutdown_grace,
@@ -355,6 +373,16 @@ mod tests {
         let c = cfg(&[(ENV_METRICS_ADDR, "127.0.0.1:0"), (ENV_GPU_MAX_INFLIGHT, "16")]).unwrap();
         assert_eq!(c.metrics_addr.port(), 0);
         assert_eq!(c.gpu_max_inflight, Some(16));
+    }
+
+    #[test]
+    fn protecting_reads_needs_a_token() {
+        assert!(!cfg(&[]).unwrap().api_protect_reads);
+        let e = cfg(&[(ENV_API_PROTECT_READS, "true")]).unwrap_err();
+        assert_eq!(e.0[0].0, ENV_API_PROTECT_READS);
+        assert!(cfg(&[(ENV_API_PROTECT_READS, "maybe"), (ENV_API_TOKEN, "t")]).is_err());
+        let c = cfg(&[(ENV_API_PROTECT_READS, "true"), (ENV_API_TOKEN, "t")]).unwrap();
+        assert!(c.api_protect_reads);
     }
 
     #[test]

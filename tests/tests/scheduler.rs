@@ -122,6 +122,69 @@ async fn mutating_routes_need_the_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_reads_need_the_token_and_the_dashboard_signs_in_once() {
+    let env = TestEnv::new("reads").await;
+    let token = "r3ad-token";
+    let scheduler =
+        procs::scheduler(&env.env(), &[("FLOTA_API_TOKEN", token), ("FLOTA_API_PROTECT_READS", "true")])
+            .await;
+    let api = scheduler.url();
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let bearer = format!("Bearer {token}");
+    let get = |path: &str, auth: Option<&str>, cookie: Option<&str>| {
+        let mut r = http.get(format!("{api}{path}"));
+        if let Some(a) = auth {
+            r = r.header("authorization", a.to_string());
+        }
+        if let Some(c) = cookie {
+            r = r.header("cookie", c.to_string());
+        }
+        r.send()
+    };
+    for path in ["/", "/v1/tasks/x", "/v1/queues", "/v1/workers", "/v1/councils", "/v1/stats", "/metrics"] {
+        assert_eq!(get(path, None, None).await.unwrap().status(), 401, "{path} open");
+        assert_eq!(get(path, Some("Bearer wrong"), None).await.unwrap().status(), 403, "{path}");
+    }
+    assert_eq!(get("/v1/queues", Some(&bearer), None).await.unwrap().status(), 200);
+    assert_eq!(get("/v1/tasks/x", Some(&bearer), None).await.unwrap().status(), 404);
+    // Probes stay open for the orchestrator.
+    assert_eq!(get("/healthz", None, None).await.unwrap().status(), 200);
+    assert_eq!(get("/readyz", None, None).await.unwrap().status(), 200);
+
+    // A browser signs in once with /?token=…, then the cookie carries it.
+    assert_eq!(get("/?token=wrong", None, None).await.unwrap().status(), 403);
+    let r = get(&format!("/?token={token}"), None, None).await.unwrap();
+    assert_eq!(r.status(), 303);
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    assert!(!set.contains(token), "the token itself is not in the cookie: {set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    assert_eq!(get("/", None, Some(&cookie)).await.unwrap().status(), 200);
+    assert_eq!(get("/v1/stats", None, Some(&cookie)).await.unwrap().status(), 200);
+    assert_eq!(get("/v1/stats", None, Some("flota_token=abcd")).await.unwrap().status(), 403);
+    // The cookie never authorises a mutation (no cross-site request forgery).
+    let r = http
+        .post(format!("{api}/v1/tasks"))
+        .header("cookie", cookie)
+        .json(&interp("c-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        http.post(format!("{api}/v1/tasks"))
+            .header("authorization", bearer)
+            .json(&interp("c-2"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_tasks_give_a_thousand_records_and_results_are_recorded_once() {
     let env = TestEnv::new("thousand").await;
     let gpu = procs::gpusim(&[]).await;
