@@ -29,19 +29,16 @@ pub struct Dependencies {
 }
 
 impl Dependencies {
-    /// Call after a task's result was recorded for the first time.
-    /// The release itself is atomic in Redis; a failed publish afterwards is
-    /// retried by the sweep (the hand-off stays in `releasing`/`failing`).
-    pub async fn on_recorded(&self, id: &str, status: Status) -> anyhow::Result<usize> {
-        let handoffs = self.store.release(id, status.as_str()).await?;
-        let n = handoffs.len();
+    /// Publish what recording `id`'s result released or failed (see
+    /// `store.record`, which moved them to the hand-off hashes atomically). A
+    /// failed publish is retried by the sweep: the hand-off stays in Redis.
+    pub async fn on_recorded(&self, id: &str, handoffs: Vec<Handoff>) {
         for h in handoffs {
             let why = format!("dependency `{id}` failed");
             if let Err(e) = self.complete(&h, ErrorCode::DependencyFailed, &why).await {
                 tracing::warn!(message = "Hand-off not published yet; the sweep retries it.", task_id = %h.id, error = %e);
             }
         }
-        Ok(n)
     }
 
     /// Republish a released task, or report a failed one; then clear the hand-off.

@@ -183,23 +183,20 @@ async fn handle_result(state: &AppState, delivery: Delivery, shutdown: &Cancella
             return;
         }
     };
-    let first = match record(state, &result, &delivery.data, shutdown).await {
-        Ok(first) => first,
+    let recorded = match record(state, &result, &delivery.data, shutdown).await {
+        Ok(recorded) => recorded,
         Err(e) => {
             tracing::warn!(message = "Cannot record result; Redis unavailable. Returning it to the queue.", task_id = %result.id, trace_id = %result.trace_id, error = %e);
             return retry_later(delivery).await;
         }
     };
-    if first {
+    if recorded.first {
         on_first_record(state, &result, &delivery.data).await;
     } else {
         state.metrics.duplicates.inc();
     }
-    // Idempotent, so done on duplicates too: a crash between record and release is healed here.
-    if let Err(e) = state.deps.on_recorded(&result.id, result.status).await {
-        tracing::warn!(message = "Cannot release dependents yet.", task_id = %result.id, trace_id = %result.trace_id, error = %e);
-        return retry_later(delivery).await;
-    }
+    // Released in the same Lua step as the record; their publish is crash-safe (hand-off hashes).
+    state.deps.on_recorded(&result.id, recorded.handoffs).await;
     if let Err(e) = plans::on_result(&state.store, &state.broker, &result).await {
         tracing::warn!(message = "Plan events not published yet.", task_id = %result.id, trace_id = %result.trace_id, error = %e);
         return retry_later(delivery).await;
@@ -208,21 +205,22 @@ async fn handle_result(state: &AppState, delivery: Delivery, shutdown: &Cancella
     let _ = delivery.acker.ack(BasicAckOptions::default()).await;
 }
 
-/// `store.record` (once per id, in Lua), retried in place with backoff while
-/// Redis is away; gives up early on shutdown so the drain is not held up.
+/// `store.record` (once per id, releasing dependents, in Lua), retried in
+/// place with backoff while Redis is away; gives up early on shutdown so the
+/// drain is not held up.
 async fn record(
     state: &AppState,
     result: &ResultEnvelope,
     body: &[u8],
     shutdown: &CancellationToken,
-) -> Result<bool, flota_shared::store::StoreError> {
+) -> Result<flota_shared::store::Recorded, flota_shared::store::StoreError> {
     let body = String::from_utf8_lossy(body);
     let token = uuid::Uuid::new_v4().simple().to_string();
     let mut delay = RECORD_BACKOFF_FIRST;
     let mut attempt = 1;
     loop {
         match state.store.record(&result.id, result.status.as_str(), &body, &token).await {
-            Ok(first) => return Ok(first),
+            Ok(recorded) => return Ok(recorded),
             Err(e) if attempt >= RECORD_ATTEMPTS || shutdown.is_cancelled() => return Err(e),
             Err(e) => {
                 tracing::debug!(message = "Record failed; retrying.", task_id = %result.id, attempt, error = %e);

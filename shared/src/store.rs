@@ -5,11 +5,14 @@
 //! atomic. Keys carry a `{prefix}` hash tag so a script's keys share one slot
 //! on a Redis Cluster too.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
 pub use redis;
 use redis::Script;
+use redis::aio::MultiplexedConnection;
 
 use crate::config::{Config, redact_url};
 
@@ -189,7 +192,6 @@ pub struct Scripts {
     pub record: Script,
     pub submit: Script,
     pub park: Script,
-    pub release: Script,
     pub expire: Script,
     pub store_result: Script,
     pub admit: Script,
@@ -206,7 +208,6 @@ impl Default for Scripts {
             record: Script::new(include_str!("../lua/record.lua")),
             submit: Script::new(include_str!("../lua/submit.lua")),
             park: Script::new(include_str!("../lua/park.lua")),
-            release: Script::new(include_str!("../lua/release.lua")),
             expire: Script::new(include_str!("../lua/expire.lua")),
             store_result: Script::new(include_str!("../lua/store_result.lua")),
             admit: Script::new(include_str!("../lua/admit.lua")),
@@ -239,21 +240,138 @@ pub enum Finish {
 pub struct Store {
     pub pool: Pool,
     pub keys: Keys,
-    scripts: std::sync::Arc<Scripts>,
+    scripts: Arc<Scripts>,
+    shared: Arc<SharedConn>,
+}
+
+/// One multiplexed connection that every task of the process shares, taken
+/// from the pool once and replaced when it breaks. A pool checkout costs a
+/// round trip of its own (deadpool-redis sends `UNWATCH` + `PING` on every
+/// recycle), which doubled Redis traffic; a multiplexed connection already
+/// pipelines concurrent commands, so one is what Redis serves best. The pool's
+/// health check is kept where it is cheap: a connection that has not answered
+/// for [`CHECK_IDLE_AFTER`] is pinged before use (so a quiet process notices a
+/// Redis restart before its first command, as the pool did); a busy one is not.
+#[derive(Default)]
+struct SharedConn {
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: AtomicU64,
+    /// When the current connection last answered, in ms since `epoch`.
+    last_ok_ms: AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+    /// One task at a time makes the replacement; the others wait for it.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// A handle on the shared connection: use it as `&mut conn` wherever redis-rs
+/// wants a connection. An error that means the connection is gone (I/O,
+/// dropped, timed out) retires it, so the next [`Store::conn`] makes a new one.
+pub struct Conn {
+    inner: MultiplexedConnection,
+    generation: u64,
+    shared: Arc<SharedConn>,
+}
+
+/// A shared connection idle this long is pinged before it is used.
+const CHECK_IDLE_AFTER: Duration = Duration::from_millis(20);
+
+impl SharedConn {
+    fn now_ms(&self) -> u64 {
+        self.epoch.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+    }
+
+    fn retire(&self, generation: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *current = None;
+        }
+    }
+}
+
+impl Conn {
+    fn check<T>(&self, result: &redis::RedisResult<T>) {
+        if result.is_ok() {
+            self.shared.last_ok_ms.store(self.shared.now_ms(), Ordering::Relaxed);
+        }
+        if let Err(e) = result
+            && (e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error())
+        {
+            self.shared.retire(self.generation);
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_command(cmd).await;
+            self.check(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_commands(cmd, offset, count).await;
+            self.check(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
 }
 
 impl Store {
     pub fn new(pool: Pool, prefix: &str) -> Store {
-        Store { pool, keys: Keys::new(prefix), scripts: std::sync::Arc::new(Scripts::default()) }
+        Store {
+            pool,
+            keys: Keys::new(prefix),
+            scripts: Arc::new(Scripts::default()),
+            shared: Arc::new(SharedConn::default()),
+        }
     }
 
-    pub async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
-        Ok(self.pool.get().await?)
+    /// The process's shared Redis connection (made through the pool, with its
+    /// connect and response timeouts, the first time and after it broke).
+    pub async fn conn(&self) -> Result<Conn, StoreError> {
+        if let Some(mut conn) = self.cached() {
+            let idle_ms = self.shared.now_ms().saturating_sub(self.shared.last_ok_ms.load(Ordering::Relaxed));
+            if idle_ms < CHECK_IDLE_AFTER.as_millis() as u64 {
+                return Ok(conn);
+            }
+            // Idle for a while: make sure it still answers (a failure retires it).
+            if redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok() {
+                return Ok(conn);
+            }
+            self.shared.retire(conn.generation);
+        }
+        let _connecting = self.shared.connecting.lock().await;
+        if let Some(conn) = self.cached() {
+            return Ok(conn);
+        }
+        let inner = deadpool_redis::Connection::take(self.pool.get().await?);
+        let generation = self.shared.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.last_ok_ms.store(self.shared.now_ms(), Ordering::Relaxed);
+        *self.shared.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, inner.clone()));
+        Ok(Conn { inner, generation, shared: self.shared.clone() })
+    }
+
+    fn cached(&self) -> Option<Conn> {
+        let current = self.shared.current.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, inner) = current.as_ref()?;
+        Some(Conn { inner: inner.clone(), generation: *generation, shared: self.shared.clone() })
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
-        let _: String = redis::cmd("PING").query_async(&mut *c).await?;
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
         Ok(())
     }
 
@@ -292,7 +410,7 @@ impl Store {
         for k in lock_keys {
             script.arg(k);
         }
-        let reply: Vec<String> = script.invoke_async(&mut *c).await?;
+        let reply: Vec<String> = script.invoke_async(&mut c).await?;
         match reply.as_slice() {
             [tag, result] if tag == "done" => Ok(Claim::Done(result.clone())),
             [tag] if tag == "busy" => Ok(Claim::Busy),
@@ -322,7 +440,7 @@ impl Store {
             .arg(status)
             .arg(result_json)
             .arg(crate::envelope::now_rfc3339())
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await?;
         match reply.as_slice() {
             [tag] if tag == "applied" => Ok(Finish::Applied),
@@ -348,7 +466,7 @@ impl Store {
             .key(locks)
             .arg(token)
             .arg(lease.as_millis() as u64)
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await?;
         Ok(n == 1)
     }
@@ -368,7 +486,7 @@ impl Store {
         for k in lock_keys {
             script.arg(k);
         }
-        let flat: Vec<String> = script.invoke_async(&mut *c).await?;
+        let flat: Vec<String> = script.invoke_async(&mut c).await?;
         Ok(flat
             .get(1..)
             .unwrap_or_default()
@@ -388,7 +506,7 @@ impl Store {
             .key(self.keys.releasing())
             .arg(self.keys.tag())
             .arg(max_keys)
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await?)
     }
 
@@ -410,7 +528,7 @@ impl Store {
         for d in depends_on {
             script.arg(d);
         }
-        let reply: Vec<String> = script.invoke_async(&mut *c).await?;
+        let reply: Vec<String> = script.invoke_async(&mut c).await?;
         match reply.as_slice() {
             [tag, r] if tag == "done" => Ok(Park::Done(r.clone())),
             [tag] if tag == "ready" => Ok(Park::Ready),
@@ -419,25 +537,6 @@ impl Store {
             [tag, n] if tag == "parked" => Ok(Park::Parked(n.parse().unwrap_or(0))),
             _ => Err(StoreError::Reply("park")),
         }
-    }
-
-    /// After `id`'s result is recorded: the dependents to republish or to fail.
-    pub async fn release(&self, id: &str, status: &str) -> Result<Vec<Handoff>, StoreError> {
-        let mut c = self.conn().await?;
-        let flat: Vec<String> = self
-            .scripts
-            .release
-            .key(self.keys.task(id))
-            .arg(self.keys.tag())
-            .arg(id)
-            .arg(status)
-            .arg(crate::envelope::now_rfc3339())
-            .invoke_async(&mut *c)
-            .await?;
-        Ok(flat
-            .chunks_exact(3)
-            .map(|c| Handoff { release: c[0] == "release", id: c[1].clone(), body: c[2].clone() })
-            .collect())
     }
 
     /// Parked tasks whose dependency deadline passed, moved to `failing`.
@@ -450,7 +549,7 @@ impl Store {
             .arg(self.keys.tag())
             .arg(now_ms)
             .arg(max)
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await?;
         Ok(flat
             .chunks_exact(2)
@@ -462,9 +561,9 @@ impl Store {
     pub async fn pending_handoffs(&self) -> Result<Vec<Handoff>, StoreError> {
         let mut c = self.conn().await?;
         let releasing: Vec<(String, String)> =
-            redis::cmd("HGETALL").arg(self.keys.releasing()).query_async(&mut *c).await?;
+            redis::cmd("HGETALL").arg(self.keys.releasing()).query_async(&mut c).await?;
         let failing: Vec<(String, String)> =
-            redis::cmd("HGETALL").arg(self.keys.failing()).query_async(&mut *c).await?;
+            redis::cmd("HGETALL").arg(self.keys.failing()).query_async(&mut c).await?;
         Ok(releasing
             .into_iter()
             .map(|(id, body)| Handoff { release: true, id, body })
@@ -476,7 +575,7 @@ impl Store {
     pub async fn handoff_done(&self, h: &Handoff) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
         let key = if h.release { self.keys.releasing() } else { self.keys.failing() };
-        let _: i64 = redis::cmd("HDEL").arg(key).arg(&h.id).query_async(&mut *c).await?;
+        let _: i64 = redis::cmd("HDEL").arg(key).arg(&h.id).query_async(&mut c).await?;
         Ok(())
     }
 
@@ -496,7 +595,7 @@ impl Store {
             .arg(status)
             .arg(result_json)
             .arg(crate::envelope::now_rfc3339())
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await?)
     }
 
@@ -510,29 +609,30 @@ impl Store {
             .arg(token)
             .arg(cap)
             .arg(lease.as_millis() as u64)
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await?;
         Ok(n == 1)
     }
 
     pub async fn release_gpu(&self, token: &str) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
-        let _: i64 = redis::cmd("ZREM").arg(self.keys.gpu_inflight()).arg(token).query_async(&mut *c).await?;
+        let _: i64 = redis::cmd("ZREM").arg(self.keys.gpu_inflight()).arg(token).query_async(&mut c).await?;
         Ok(())
     }
 
-    /// Record a result at the scheduler; `true` the first time for this id.
-    /// Record a result once per id. Retries of one delivery pass the same
-    /// `token`, so a lost reply does not turn the first record into a "duplicate".
+    /// Record a result once per id and take the dependents it releases or
+    /// fails, in one step. `first` is `true` the first time for this id; retries
+    /// of one delivery pass the same `token`, so a lost reply does not turn the
+    /// first record into a "duplicate".
     pub async fn record(
         &self,
         id: &str,
         status: &str,
         result_json: &str,
         token: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Recorded, StoreError> {
         let mut c = self.conn().await?;
-        let n: i64 = self
+        let flat: Vec<String> = self
             .scripts
             .record
             .key(self.keys.task(id))
@@ -540,9 +640,18 @@ impl Store {
             .arg(result_json)
             .arg(crate::envelope::now_rfc3339())
             .arg(token)
-            .invoke_async(&mut *c)
+            .arg(self.keys.tag())
+            .arg(id)
+            .invoke_async(&mut c)
             .await?;
-        Ok(n == 1)
+        let Some((first, handoffs)) = flat.split_first() else { return Err(StoreError::Reply("record")) };
+        Ok(Recorded {
+            first: first == "1",
+            handoffs: handoffs
+                .chunks_exact(3)
+                .map(|c| Handoff { release: c[0] == "release", id: c[1].clone(), body: c[2].clone() })
+                .collect(),
+        })
     }
 
     /// Register a submitted id; `false` when it is already known (not run again).
@@ -554,7 +663,7 @@ impl Store {
             .key(self.keys.task(id))
             .arg(kind)
             .arg(crate::envelope::now_rfc3339())
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await?;
         Ok(n == 1)
     }
@@ -562,7 +671,7 @@ impl Store {
     /// Forget a registration whose publish failed, so the id can be submitted again.
     pub async fn forget_submission(&self, id: &str) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
-        let _: () = redis::cmd("DEL").arg(self.keys.task(id)).query_async(&mut *c).await?;
+        let _: () = redis::cmd("DEL").arg(self.keys.task(id)).query_async(&mut c).await?;
         Ok(())
     }
 
@@ -573,7 +682,7 @@ impl Store {
             .arg(self.keys.task(id))
             .arg("status")
             .arg("result")
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await?;
         Ok(status.map(|status| TaskState { status, result }))
     }
@@ -582,7 +691,7 @@ impl Store {
     pub async fn note_fenced(&self, id: &str) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
         let _: i64 =
-            redis::cmd("HINCRBY").arg(self.keys.ledger(id)).arg("fenced").arg(1).query_async(&mut *c).await?;
+            redis::cmd("HINCRBY").arg(self.keys.ledger(id)).arg("fenced").arg(1).query_async(&mut c).await?;
         Ok(())
     }
 
@@ -594,7 +703,7 @@ impl Store {
             .arg("attempts")
             .arg("applies")
             .arg("fenced")
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await?;
         Ok(Ledger {
             attempts: attempts.unwrap_or(0),
@@ -607,7 +716,7 @@ impl Store {
     pub async fn council(&self, role: &str) -> Result<Option<crate::council::Council>, StoreError> {
         let mut c = self.conn().await?;
         let raw: Option<String> =
-            redis::cmd("HGET").arg(self.keys.councils()).arg(role).query_async(&mut *c).await?;
+            redis::cmd("HGET").arg(self.keys.councils()).arg(role).query_async(&mut c).await?;
         Ok(match raw.and_then(|r| serde_json::from_str(&r).ok()) {
             Some(council) => Some(council),
             None => crate::council::Council::default_for(role),
@@ -618,7 +727,7 @@ impl Store {
     pub async fn councils(&self) -> Result<Vec<crate::council::Council>, StoreError> {
         let mut c = self.conn().await?;
         let raw: Vec<(String, String)> =
-            redis::cmd("HGETALL").arg(self.keys.councils()).query_async(&mut *c).await?;
+            redis::cmd("HGETALL").arg(self.keys.councils()).query_async(&mut c).await?;
         let mut out: Vec<crate::council::Council> =
             raw.into_iter().filter_map(|(_, v)| serde_json::from_str(&v).ok()).collect();
         for role in crate::council::DEFAULT_ROLES {
@@ -637,7 +746,7 @@ impl Store {
             .arg(self.keys.councils())
             .arg(&council.role)
             .arg(body)
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await?;
         Ok(())
     }
@@ -645,14 +754,14 @@ impl Store {
     /// Delete a stored council; `true` when one was stored.
     pub async fn delete_council(&self, role: &str) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
-        let n: i64 = redis::cmd("HDEL").arg(self.keys.councils()).arg(role).query_async(&mut *c).await?;
+        let n: i64 = redis::cmd("HDEL").arg(self.keys.councils()).arg(role).query_async(&mut c).await?;
         Ok(n == 1)
     }
 
     /// A finished agent call of a deliberation, if checkpointed.
     pub async fn checkpoint_get(&self, id: &str, field: &str) -> Result<Option<String>, StoreError> {
         let mut c = self.conn().await?;
-        Ok(redis::cmd("HGET").arg(self.keys.checkpoint(id)).arg(field).query_async(&mut *c).await?)
+        Ok(redis::cmd("HGET").arg(self.keys.checkpoint(id)).arg(field).query_async(&mut c).await?)
     }
 
     /// Checkpoint a finished agent call (kept a day: a stored result supersedes it).
@@ -669,7 +778,7 @@ impl Store {
             .arg(&key)
             .arg(86_400)
             .ignore()
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await?;
         Ok(())
     }
@@ -677,32 +786,27 @@ impl Store {
     /// Store a plan unless known; `true` when new.
     pub async fn put_plan(&self, id: &str, body: &str) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
-        let n: i64 = redis::cmd("SETNX").arg(self.keys.plan(id)).arg(body).query_async(&mut *c).await?;
+        let n: i64 = redis::cmd("SETNX").arg(self.keys.plan(id)).arg(body).query_async(&mut c).await?;
         Ok(n == 1)
     }
 
     pub async fn plan(&self, id: &str) -> Result<Option<String>, StoreError> {
         let mut c = self.conn().await?;
-        Ok(redis::cmd("GET").arg(self.keys.plan(id)).query_async(&mut *c).await?)
+        Ok(redis::cmd("GET").arg(self.keys.plan(id)).query_async(&mut c).await?)
     }
 
     /// Claim the right to publish one plan event once; `true` for the first caller.
     pub async fn claim_plan_event(&self, id: &str, field: &str) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
-        let n: i64 = redis::cmd("HSETNX")
-            .arg(self.keys.plan_events(id))
-            .arg(field)
-            .arg(1)
-            .query_async(&mut *c)
-            .await?;
+        let n: i64 =
+            redis::cmd("HSETNX").arg(self.keys.plan_events(id)).arg(field).arg(1).query_async(&mut c).await?;
         Ok(n == 1)
     }
 
     /// Give a claimed event back (its publish failed), so a redelivery publishes it.
     pub async fn unclaim_plan_event(&self, id: &str, field: &str) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
-        let _: i64 =
-            redis::cmd("HDEL").arg(self.keys.plan_events(id)).arg(field).query_async(&mut *c).await?;
+        let _: i64 = redis::cmd("HDEL").arg(self.keys.plan_events(id)).arg(field).query_async(&mut c).await?;
         Ok(())
     }
 
@@ -716,14 +820,14 @@ impl Store {
             .arg(candidate)
             .arg("NX")
             .arg("GET")
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await?)
     }
 
     /// Tasks parked on dependencies now.
     pub async fn parked_count(&self) -> Result<u64, StoreError> {
         let mut c = self.conn().await?;
-        Ok(redis::cmd("ZCARD").arg(self.keys.parked_index()).query_async(&mut *c).await?)
+        Ok(redis::cmd("ZCARD").arg(self.keys.parked_index()).query_async(&mut c).await?)
     }
 
     /// Live workers' heartbeats (JSON strings).
@@ -738,7 +842,7 @@ impl Store {
                 .arg(self.keys.workers_pattern())
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut *c)
+                .query_async(&mut c)
                 .await?;
             keys.extend(batch);
             if next == 0 {
@@ -749,7 +853,7 @@ impl Store {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut *c).await?;
+        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
         Ok(values.into_iter().flatten().collect())
     }
 
@@ -765,10 +869,10 @@ impl Store {
                 .arg(self.keys.pattern())
                 .arg("COUNT")
                 .arg(1000)
-                .query_async(&mut *c)
+                .query_async(&mut c)
                 .await?;
             if !keys.is_empty() {
-                let n: u64 = redis::cmd("DEL").arg(&keys).query_async(&mut *c).await?;
+                let n: u64 = redis::cmd("DEL").arg(&keys).query_async(&mut c).await?;
                 deleted += n;
             }
             if next == 0 {
@@ -791,6 +895,15 @@ pub enum Park {
     Cycle(String),
     /// Parked on this many unfinished dependencies; the scheduler republishes it.
     Parked(usize),
+}
+
+/// What recording a result did.
+#[derive(Debug)]
+pub struct Recorded {
+    /// The first record of this task's result (not a duplicate).
+    pub first: bool,
+    /// Dependents it released or failed, to republish / report.
+    pub handoffs: Vec<Handoff>,
 }
 
 /// A parked task the scheduler must republish (`release`) or fail.

@@ -253,3 +253,49 @@ async fn a_panicking_task_among_a_thousand_fails_alone() {
     assert_eq!(worker.terminate().await, Some(0), "the worker survived the panic");
     env.cleanup().await;
 }
+
+/// Redis away for longer than the work queue's delivery limit of requeues would
+/// last: tasks wait in the delay queues (no attempt spent, no requeue counted),
+/// so nothing is dead-lettered and everything is applied once afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_redis_outage_dead_letters_nothing() {
+    // A delivery limit of 3: the old nack-requeue loop would dead-letter within seconds.
+    let env = TestEnv::with_vars("redisout", &[("FLOTA_DELIVERY_LIMIT", "3")]).await;
+    let gpu = procs::gpusim(&["--base-ms", "5"]).await;
+    let redis_proxy = FaultProxy::start("127.0.0.1:6379".parse().unwrap()).await;
+    let redis_url = env.config.redis_url.replace("127.0.0.1:6379", &redis_proxy.addr.to_string());
+    let mut fleet_env: Vec<(String, String)> =
+        env.env().into_iter().filter(|(k, _)| k != "FLOTA_REDIS_URL").collect();
+    fleet_env.push(("FLOTA_REDIS_URL".into(), redis_url));
+    let _w = procs::worker(&fleet_env, &gpu.url(), &[("FLOTA_DELIVERY_LIMIT", "3")]).await;
+    let mut tap = env.tap_results().await;
+    let n = 300;
+    for i in 0..200 {
+        env.publish_task(&interp(&format!("r-{i}"))).await;
+    }
+    let mut seen: HashMap<String, Status> = HashMap::new();
+    while seen.len() < 50 {
+        let r = tap.next().await.expect("results before the outage");
+        seen.insert(r.id.clone(), r.status);
+    }
+    redis_proxy.down(true);
+    for i in 200..n {
+        env.publish_task(&interp(&format!("r-{i}"))).await;
+    }
+    // The outage lasts a while (this is the fault, not a timing assertion).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    redis_proxy.down(false);
+    while seen.len() < n {
+        let r = tap.next().await.expect("processing resumes after the outage");
+        seen.insert(r.id.clone(), r.status);
+    }
+    assert!(seen.values().all(|s| *s == Status::Succeeded));
+    assert_applied_once(&env, (0..n).map(|i| format!("r-{i}"))).await;
+    let dead = env.drain_dead().await;
+    assert!(
+        dead.is_empty(),
+        "dead-lettered during the outage: {:?}",
+        dead.iter().map(|d| (&d.reason, &d.error)).collect::<Vec<_>>()
+    );
+    env.cleanup().await;
+}

@@ -307,7 +307,7 @@ async fn rabbitmq_worker_user_runs_a_worker_and_cannot_delete_queues() {
         .arg("someone-else")
         .arg("PX")
         .arg(1500)
-        .query_async(&mut *c)
+        .query_async(&mut c)
         .await
         .expect("hold the task lock");
     env.publish_task(&json!({"id": "lp-busy", "kind": "interpret", "input": {"message": "thanks for your help yesterday"}}))

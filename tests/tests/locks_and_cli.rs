@@ -62,7 +62,7 @@ async fn waiters_of_a_dead_holder_are_woken_when_its_lease_runs_out() {
         .arg("dead-holder")
         .arg("PX")
         .arg(3000)
-        .query_async(&mut *c)
+        .query_async(&mut c)
         .await
         .unwrap();
     for i in 0..3 {
@@ -78,7 +78,7 @@ async fn waiters_of_a_dead_holder_are_woken_when_its_lease_runs_out() {
         assert_eq!(r.status, flota_shared::envelope::Status::Succeeded, "ld-{i}: {:?}", r.error);
     }
     let len: u64 =
-        redis::cmd("LLEN").arg(env.store.keys.lock_waiters("valve-9")).query_async(&mut *c).await.unwrap();
+        redis::cmd("LLEN").arg(env.store.keys.lock_waiters("valve-9")).query_async(&mut c).await.unwrap();
     assert_eq!(len, 0, "no one left waiting");
     drop(c);
     env.cleanup().await;

@@ -104,6 +104,6 @@ async fn without_persistence_the_loss_is_detected_and_reported() {
 async fn fence_of(env: &TestEnv, id: &str) -> Option<u128> {
     let mut c = env.store.conn().await.ok()?;
     let fence: Option<String> =
-        redis::cmd("HGET").arg(env.store.keys.task(id)).arg("fence").query_async(&mut *c).await.ok()?;
+        redis::cmd("HGET").arg(env.store.keys.task(id)).arg("fence").query_async(&mut c).await.ok()?;
     fence?.parse().ok()
 }

@@ -241,6 +241,14 @@ impl Breaker {
         }
     }
 
+    /// May a task's call go to the GPU server now? Only while closed. Half-open
+    /// probes belong to the fleet's prober alone (`fleet::sync_breaker`, under
+    /// the fleet-wide probe lease), so a recovering server sees one probe from
+    /// the whole fleet rather than one per replica.
+    pub fn admit_call(&self) -> bool {
+        matches!(self.admit(), Admit::Call)
+    }
+
     /// Only a probe (half-open) is worth trying now: used by the prober.
     pub fn admit_probe(&self) -> Option<ProbeSlot> {
         match self.admit() {
@@ -321,6 +329,7 @@ mod tests {
             };
             assert_eq!(b.local_state(), BreakerState::HalfOpen);
             assert!(matches!(b.admit(), Admit::Reject), "only one probe at a time");
+            assert!(!b.admit_call(), "tasks never probe: the fleet's prober does");
             b.record(CallVerdict::Success);
             drop(probe);
             assert_eq!(b.local_state(), BreakerState::Closed);
@@ -336,6 +345,7 @@ mod tests {
                 b.record(CallVerdict::Failure);
             }
             clock.advance(Duration::from_secs(3));
+            assert!(!b.admit_call(), "half-open: no task call");
             let probe = b.admit_probe().expect("probe");
             // A hung probe ends by its own timeout and counts as a failure.
             b.record(CallVerdict::Failure);

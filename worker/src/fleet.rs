@@ -136,7 +136,7 @@ pub async fn sync_breaker(gpu: GpuClient, store: Store, shutdown: CancellationTo
 async fn set_px(store: &Store, key: &str, ttl: Duration) -> Result<(), flota_shared::store::StoreError> {
     let mut c = store.conn().await?;
     let _: () =
-        redis_cmd("SET").arg(key).arg("1").arg("PX").arg(ttl.as_millis() as u64).query_async(&mut *c).await?;
+        redis_cmd("SET").arg(key).arg("1").arg("PX").arg(ttl.as_millis() as u64).query_async(&mut c).await?;
     Ok(())
 }
 
@@ -148,20 +148,20 @@ async fn set_nx_px(store: &Store, key: &str, ttl: Duration) -> Result<bool, flot
         .arg("NX")
         .arg("PX")
         .arg(ttl.as_millis() as u64)
-        .query_async(&mut *c)
+        .query_async(&mut c)
         .await?;
     Ok(r.is_some())
 }
 
 async fn exists(store: &Store, key: &str) -> Result<bool, flota_shared::store::StoreError> {
     let mut c = store.conn().await?;
-    let n: i64 = redis_cmd("EXISTS").arg(key).query_async(&mut *c).await?;
+    let n: i64 = redis_cmd("EXISTS").arg(key).query_async(&mut c).await?;
     Ok(n == 1)
 }
 
 async fn del(store: &Store, key: &str) -> Result<(), flota_shared::store::StoreError> {
     let mut c = store.conn().await?;
-    let _: i64 = redis_cmd("DEL").arg(key).query_async(&mut *c).await?;
+    let _: i64 = redis_cmd("DEL").arg(key).query_async(&mut c).await?;
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use flota_shared::config::Config;
 use flota_shared::envelope::Usage;
 
-use crate::breaker::{Admit, Breaker, call_verdict};
+use crate::breaker::{Breaker, call_verdict};
 use crate::fleet::Admission;
 
 /// Responses larger than this are refused: a model cannot flood a worker's memory.
@@ -262,14 +262,11 @@ impl GpuClient {
     ) -> Result<Completion, GpuError> {
         let mut delays = backoff(self.retries);
         loop {
-            let admitted = self.breaker.admit();
-            let timeout = match &admitted {
-                Admit::Reject => return Err(GpuError::BreakerOpen),
-                Admit::Probe(_) => self.breaker.settings.probe_timeout,
-                Admit::Call => self.call_timeout,
-            };
-            let result = self.chat_once(req, deadline, traceparent, timeout).await;
-            drop(admitted);
+            // Closed only: a half-open breaker is probed by the fleet's prober, not by tasks.
+            if !self.breaker.admit_call() {
+                return Err(GpuError::BreakerOpen);
+            }
+            let result = self.chat_once(req, deadline, traceparent, self.call_timeout).await;
             match result {
                 Ok(c) => return Ok(c),
                 Err(e) if e.is_retryable() => {

@@ -74,7 +74,7 @@ pub async fn run(
     }
     // A draining worker says goodbye at once rather than waiting for the TTL.
     if let Ok(mut c) = store.conn().await {
-        let _: Result<i64, _> = flota_shared::store::redis::cmd("DEL").arg(&key).query_async(&mut *c).await;
+        let _: Result<i64, _> = flota_shared::store::redis::cmd("DEL").arg(&key).query_async(&mut c).await;
     }
 }
 
@@ -86,7 +86,7 @@ async fn write(store: &Store, key: &str, beat: &Heartbeat) -> Result<(), flota_s
         .arg(body)
         .arg("PX")
         .arg(TTL.as_millis() as u64)
-        .query_async(&mut *c)
+        .query_async(&mut c)
         .await?;
     Ok(())
 }

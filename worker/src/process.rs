@@ -32,6 +32,15 @@ use crate::metrics::Metrics;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a task waits before looking again when another attempt holds it.
 pub const BUSY_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How long a task waits out an unreachable Redis. It waits in a delay queue,
+/// not by nack-requeue: an outage longer than `x-delivery-limit` requeues would
+/// otherwise dead-letter healthy tasks. It spends no attempt.
+pub const REDIS_RETRY_DELAY: Duration = Duration::from_secs(4);
+
+/// Redis could not be asked: nothing was decided, look again later.
+fn redis_unavailable(attempt: u32) -> Decision {
+    Decision::Retry { attempt, delay: REDIS_RETRY_DELAY }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -179,9 +188,8 @@ async fn check_dependencies(
             Some(report_new(ctx, &task.id, result, trace, None, attempt).await)
         }
         Err(e) => {
-            tracing::warn!(message = "Cannot check dependencies; Redis unavailable.", error = %e);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            Some(Decision::HandBack)
+            tracing::warn!(message = "Cannot check dependencies; Redis unavailable. Waiting in a delay queue.", error = %e);
+            Some(redis_unavailable(attempt))
         }
     }
 }
@@ -221,10 +229,8 @@ async fn run_claimed(
     {
         Ok(c) => c,
         Err(e) => {
-            // Redis is down: nothing was decided, give the delivery back to try later.
-            tracing::warn!(message = "Cannot claim task; Redis unavailable.", error = %e);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return Decision::HandBack;
+            tracing::warn!(message = "Cannot claim task; Redis unavailable. Waiting in a delay queue.", error = %e);
+            return redis_unavailable(attempt);
         }
     };
     let fence = match claim {
@@ -378,9 +384,11 @@ async fn run_claimed(
             Decision::Retry { attempt, delay: BUSY_RETRY_DELAY }
         }
         Err(e) => {
-            tracing::warn!(message = "Cannot store result; handing the task back.", error = %e);
+            // Nothing applied: the task runs again once Redis answers (its lease, if the
+            // unlock fails too, expires first and the claim then succeeds).
+            tracing::warn!(message = "Cannot store result; Redis unavailable. Waiting in a delay queue.", error = %e);
             let _ = ctx.store.unlock(&locks, &task.lock_keys, &token).await;
-            Decision::HandBack
+            redis_unavailable(attempt)
         }
     }
 }
@@ -621,9 +629,9 @@ async fn report_new(
                     wake: Vec::new(),
                 },
                 Ok(Finish::Fenced) => Decision::Retry { attempt, delay: BUSY_RETRY_DELAY },
-                Err(_) => Decision::HandBack,
+                Err(_) => redis_unavailable(attempt),
             }
         }
-        Err(_) => Decision::HandBack,
+        Err(_) => redis_unavailable(attempt),
     }
 }
