@@ -144,3 +144,78 @@ async fn the_fleet_wide_cap_holds_across_workers() {
     assert!(peak >= 2, "the cap is shared, not serialised: peak {peak}");
     env.cleanup().await;
 }
+
+/// The worker's breaker transitions to `to` so far, from its `/metrics`.
+async fn transitions(worker: &procs::Proc, to: &str) -> f64 {
+    let scrape = reqwest::get(format!("{}/metrics", worker.url())).await.unwrap().text().await.unwrap();
+    flota_tests::metric_sample(&scrape, &format!("flota_breaker_transitions_total{{to=\"{to}\"}}"))
+}
+
+/// Poll until `probe` holds, bounded by PATIENCE (never a speed claim).
+async fn eventually<F, Fut>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + flota_tests::PATIENCE;
+    while !probe().await {
+        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_server_opens_the_breaker() {
+    let env = TestEnv::new("slow").await;
+    // Every call takes 3 s more than it should; the worker allows 300 ms.
+    let gpu = procs::gpusim(&["--slow-rate", "1", "--slow-ms", "3000"]).await;
+    let worker =
+        procs::worker(&env.env(), &gpu.url(), &[("FLOTA_GPU_TIMEOUT_MS", "300"), ("FLOTA_GPU_RETRIES", "0")])
+            .await;
+    let mut tap = env.tap_results().await;
+    for i in 0..20 {
+        env.publish_task(
+            &json!({"id": format!("s-{i}"), "kind": "interpret", "input": {"message": "Abrí un trabajo"}}),
+        )
+        .await;
+    }
+    let (results, _) = tap.collect_distinct(20).await;
+    assert_eq!(results.len(), 20, "nothing lost");
+    assert!(results.values().all(|r| r.status == Status::Succeeded), "slow calls are retried, then degraded");
+    assert!(
+        results.values().any(|r| r.output.as_ref().is_some_and(|o| o["degraded"] == true)),
+        "timed-out calls count as failures and open the breaker"
+    );
+    assert!(transitions(&worker, "open").await >= 1.0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_half_open_probe_reopens_the_breaker() {
+    let env = TestEnv::new("hungprobe").await;
+    let gpu = procs::gpusim(&["--error-rate", "1"]).await;
+    let worker = procs::worker(&env.env(), &gpu.url(), &[("FLOTA_GPU_RETRIES", "0")]).await;
+    let mut tap = env.tap_results().await;
+    for i in 0..10 {
+        env.publish_task(
+            &json!({"id": format!("hp-{i}"), "kind": "interpret", "input": {"message": "hola"}}),
+        )
+        .await;
+    }
+    eventually("the breaker opens", || async { transitions(&worker, "open").await >= 1.0 }).await;
+    // Recovering, but every call now hangs: the probe must end by its own timeout.
+    faults(&gpu, json!({"error_rate": 0.0, "hang_rate": 1.0})).await;
+    let (half_open, open) = (transitions(&worker, "half_open").await, transitions(&worker, "open").await);
+    eventually("a probe is let through", || async { transitions(&worker, "half_open").await > half_open })
+        .await;
+    // Nothing answers with an error any more: only the hung probe's timeout can re-open it.
+    eventually("the hung probe re-opens the breaker", || async { transitions(&worker, "open").await > open })
+        .await;
+    // Healthy again: the next probe closes it and the waiting work completes.
+    let closed = transitions(&worker, "closed").await;
+    faults(&gpu, json!({"hang_rate": 0.0})).await;
+    eventually("the breaker closes", || async { transitions(&worker, "closed").await > closed }).await;
+    let (results, _) = tap.collect_distinct(10).await;
+    assert_eq!(results.len(), 10, "nothing lost");
+    env.cleanup().await;
+}
