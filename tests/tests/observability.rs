@@ -95,25 +95,34 @@ async fn heartbeats_come_and_go_with_the_worker() {
     let env = TestEnv::new("beats").await;
     let gpu = procs::gpusim(&[]).await;
     let worker = procs::worker(&env.env(), &gpu.url(), &[("FLOTA_WORKER_ID", "beating-1")]).await;
+    let scheduler = procs::scheduler(&env.env(), &[]).await;
+    // What operators see: the scheduler's GET /v1/workers (read from the heartbeats).
+    let live = || async {
+        let r = reqwest::get(format!("{}/v1/workers", scheduler.url())).await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Vec<serde_json::Value>>().await.unwrap()
+    };
     let mut beats = Vec::new();
     for _ in 0..100 {
-        beats = env.store.workers().await.unwrap();
+        beats = live().await;
         if !beats.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(beats.len(), 1);
-    let beat: serde_json::Value = serde_json::from_str(&beats[0]).unwrap();
+    let beat = &beats[0];
     assert_eq!(beat["id"], "beating-1");
     assert_eq!(beat["breaker"], "closed");
     assert_eq!(beat["concurrency"], 32);
+    assert_eq!(beat["in_flight"], 0);
+    assert!(beat["host"].as_str().is_some_and(|h| !h.is_empty()), "{beat}");
     assert!(beat["pid"].as_u64().is_some() && beat["started_at"].is_string() && beat["version"].is_string());
     worker.signal("KILL").await;
     // A killed worker cannot say goodbye: it disappears when its heartbeat's TTL runs out.
     let mut gone = false;
     for _ in 0..600 {
-        if env.store.workers().await.unwrap().is_empty() {
+        if live().await.is_empty() {
             gone = true;
             break;
         }
