@@ -219,3 +219,38 @@ async fn a_hung_half_open_probe_reopens_the_breaker() {
     assert_eq!(results.len(), 10, "nothing lost");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_gpu_permits_come_back() {
+    let env = TestEnv::new("permits").await;
+    // Every call hangs: the first worker fills the whole fleet cap and holds it.
+    let gpu = procs::gpusim(&["--hang-rate", "1"]).await;
+    let cap = [("FLOTA_GPU_MAX_INFLIGHT", "4"), ("FLOTA_GPU_TIMEOUT_MS", "1000"), ("FLOTA_GPU_RETRIES", "0")];
+    let holder = procs::worker(&env.env(), &gpu.url(), &cap).await;
+    let mut tap = env.tap_results().await;
+    for i in 0..8 {
+        env.publish_task(&json!({"id": format!("p-{i}"), "kind": "interpret", "input": {"message": "Abrí un trabajo"}, "timeout_ms": 120000}))
+            .await;
+    }
+    let inflight = env.store.keys.gpu_inflight();
+    let held = || async {
+        let mut c = env.store.conn().await.unwrap();
+        redis::cmd("ZCARD").arg(&inflight).query_async::<u64>(&mut c).await.unwrap()
+    };
+    eventually("the cap is full", || async { held().await == 4 }).await;
+    // Killed while holding permits: nobody releases them; their leases must expire.
+    holder.signal("KILL").await;
+    faults(&gpu, json!({"hang_rate": 0.0})).await;
+    let _other = procs::worker(&env.env(), &gpu.url(), &cap).await;
+    let (results, _) = tap.collect_distinct(8).await;
+    assert_eq!(results.len(), 8, "nothing lost");
+    for (id, r) in &results {
+        let degraded = r.output.as_ref().is_some_and(|o| o["degraded"] == true);
+        assert!(
+            r.status == Status::Succeeded && !degraded,
+            "{id} ran on the GPU once the dead leases expired: {r:?}"
+        );
+    }
+    eventually("no permit is left held", || async { held().await == 0 }).await;
+    env.cleanup().await;
+}
