@@ -254,3 +254,35 @@ async fn a_killed_workers_gpu_permits_come_back() {
     eventually("no permit is left held", || async { held().await == 0 }).await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_respected() {
+    let env = TestEnv::new("retryafter").await;
+    // Every call is refused with 429 and `Retry-After: 2`.
+    let gpu = procs::gpusim(&["--rate-429", "1", "--retry-after-secs", "2"]).await;
+    let _worker = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let mut tap = env.tap_results().await;
+    env.publish_task(&json!({"id": "ra-1", "kind": "interpret", "input": {"message": "Abrí un trabajo"}}))
+        .await;
+    let refusals = || async {
+        let log: Vec<serde_json::Value> =
+            reqwest::get(format!("{}/debug/requests", gpu.url())).await.unwrap().json().await.unwrap();
+        log.into_iter().filter(|r| r["status"] == 429).filter_map(|r| r["at"].as_u64()).collect::<Vec<u64>>()
+    };
+    eventually("three 429s", || async { refusals().await.len() >= 3 }).await;
+    faults(&gpu, json!({"rate_429": 0.0})).await;
+    let r = tap.next().await.unwrap();
+    assert_eq!(r.status, Status::Succeeded, "served once the server accepts");
+    // The only task waited at least Retry-After between its tries (a lower bound:
+    // a slow machine only makes the gaps longer). Without it, backoff alone is far shorter.
+    let mut at = refusals().await;
+    at.sort();
+    for pair in at.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 1900,
+            "retried {} ms after a 429 with Retry-After: 2",
+            pair[1] - pair[0]
+        );
+    }
+    env.cleanup().await;
+}
