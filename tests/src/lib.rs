@@ -195,6 +195,19 @@ impl TestEnv {
     }
 }
 
+/// Poll until `probe` holds, bounded by PATIENCE (never a speed claim).
+pub async fn eventually<F, Fut>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !probe().await {
+        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// One sample of a Prometheus scrape, by its full series name (0 when absent).
 pub fn metric_sample(scrape: &str, series: &str) -> f64 {
     scrape

@@ -4,7 +4,7 @@
 //! holds however many workers run.
 
 use flota_shared::envelope::{ErrorCode, InterpretOutput, Status};
-use flota_tests::{TestEnv, procs};
+use flota_tests::{TestEnv, eventually, procs};
 use serde_json::json;
 
 async fn stats(gpu: &procs::Proc) -> serde_json::Value {
@@ -149,19 +149,6 @@ async fn the_fleet_wide_cap_holds_across_workers() {
 async fn transitions(worker: &procs::Proc, to: &str) -> f64 {
     let scrape = reqwest::get(format!("{}/metrics", worker.url())).await.unwrap().text().await.unwrap();
     flota_tests::metric_sample(&scrape, &format!("flota_breaker_transitions_total{{to=\"{to}\"}}"))
-}
-
-/// Poll until `probe` holds, bounded by PATIENCE (never a speed claim).
-async fn eventually<F, Fut>(what: &str, mut probe: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + flota_tests::PATIENCE;
-    while !probe().await {
-        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

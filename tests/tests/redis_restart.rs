@@ -3,29 +3,14 @@
 //! crash and runs when its dependency completes; without persistence the loss
 //! is detected and reported by the scheduler, never silent.
 
-use std::time::Duration;
-
 use flota_shared::envelope::Status;
 use flota_tests::private_redis::PrivateRedis;
-use flota_tests::{PATIENCE, TestEnv, procs};
+use flota_tests::{TestEnv, eventually, procs};
 use serde_json::json;
 
 fn task(id: &str, deps: &[&str]) -> serde_json::Value {
     json!({"id": id, "kind": "interpret", "depends_on": deps,
            "input": {"message": format!("Abrí un trabajo para revisar la bomba {id}")}})
-}
-
-/// Poll until `probe` holds (bounded by PATIENCE; never a speed claim).
-async fn eventually<F, Fut>(what: &str, mut probe: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !probe().await {
-        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn data_loss_count(scheduler_url: &str) -> Option<u64> {
