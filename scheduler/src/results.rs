@@ -237,8 +237,8 @@ async fn record(
 
 /// The hook for what happens once per task id, when its result is first
 /// recorded: metrics, the dashboard's activity and, for a failure, the
-/// `task.failed` event. (Dependents are released after it, idempotently, on
-/// every delivery: see [`handle_result`].)
+/// `task.failed` event. (Dependents were released by the record itself, in
+/// the same Lua call, on every delivery: see [`handle_result`].)
 async fn on_first_record(state: &AppState, result: &ResultEnvelope, body: &[u8]) {
     count(state, result);
     tracing::info!(message = "Result recorded.", task_id = %result.id, trace_id = %result.trace_id, status = result.status.as_str());
