@@ -84,6 +84,7 @@ async fn chat(
         traceparent: headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string),
         authorization_present: headers.contains_key(header::AUTHORIZATION),
         status: None,
+        slot_order: None,
     };
     let response = match sim.complete(&headers, body, &mut log).await {
         Ok(r) => r,
@@ -204,10 +205,12 @@ impl Sim {
             completion_tokens,
             if slow { faults.slow_ms } else { 0 },
         );
-        self.slots
+        let order = self
+            .slots
             .serve(&self.stats, service, &self.shutdown)
             .await
             .map_err(|_| ApiError::shutting_down())?;
+        log.slot_order = Some(order);
         self.stats.served(req.user.as_deref(), kind);
 
         let n = self.ids.fetch_add(1, Ordering::Relaxed);

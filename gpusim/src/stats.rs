@@ -41,6 +41,9 @@ pub struct RequestLog {
     pub authorization_present: bool,
     /// `null` for a hung request: it never gets an answer.
     pub status: Option<u16>,
+    /// The order in which this request got its slot (1 for the first since the
+    /// server started); `null` if it never got one (refused, hung).
+    pub slot_order: Option<u64>,
 }
 
 /// The body of `GET /stats`.
@@ -55,6 +58,8 @@ pub struct Snapshot {
     pub invalid_outputs: u64,
     pub in_flight: i64,
     pub peak_in_flight: i64,
+    /// Requests queued for a slot now (in the semaphore's FIFO queue).
+    pub waiting: i64,
     pub busy_slots: i64,
     pub peak_busy_slots: i64,
     pub busy_slot_seconds: f64,
@@ -70,6 +75,7 @@ pub struct Stats {
     events: [AtomicU64; 6],
     in_flight: AtomicI64,
     peak_in_flight: AtomicI64,
+    waiting: AtomicI64,
     busy_slots: AtomicI64,
     peak_busy_slots: AtomicI64,
     busy_nanos: AtomicU64,
@@ -98,6 +104,7 @@ impl Stats {
             events: Default::default(),
             in_flight: AtomicI64::new(0),
             peak_in_flight: AtomicI64::new(0),
+            waiting: AtomicI64::new(0),
             busy_slots: AtomicI64::new(0),
             peak_busy_slots: AtomicI64::new(0),
             busy_nanos: AtomicU64::new(0),
@@ -114,6 +121,13 @@ impl Stats {
         let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak_in_flight.fetch_max(now, Ordering::Relaxed);
         InFlight(self)
+    }
+
+    /// Counts a request queued for a slot until the guard drops (it got its
+    /// slot, or gave up waiting).
+    pub fn waiting(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(self)
     }
 
     /// Counts a busy slot until the guard drops; its lifetime is added to busy slot time.
@@ -187,6 +201,7 @@ impl Stats {
             invalid_outputs: ev(Event::InvalidOutput),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             peak_in_flight: self.peak_in_flight.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed),
             busy_slots: self.busy_slots.load(Ordering::Relaxed),
             peak_busy_slots: self.peak_busy_slots.load(Ordering::Relaxed),
             busy_slot_seconds: busy,
@@ -213,6 +228,14 @@ pub struct InFlight<'a>(&'a Stats);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Waiting<'a>(&'a Stats);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -288,6 +311,7 @@ mod tests {
                 traceparent: None,
                 authorization_present: false,
                 status: Some(200),
+                slot_order: None,
             });
         }
         let all = s.recent(usize::MAX);
