@@ -13,6 +13,8 @@ use futures::StreamExt;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
+use tracing::Instrument;
+
 use flota_shared::amqp;
 use flota_shared::council::Council;
 use flota_shared::envelope::{self, TaskEnvelope};
@@ -239,6 +241,13 @@ async fn submit(
         return err(StatusCode::BAD_REQUEST, "dependency_cycle", json!({"cycle": cycle}));
     }
     let tp = traceparent(&headers);
+    let span = tracing::info_span!("submit", tasks = tasks.len(), trace_id = %tp.trace_id);
+    flota_shared::telemetry::set_remote_parent(&span, &tp);
+    submit_tasks(state, tasks, tp).instrument(span).await
+}
+
+/// Register and publish validated tasks; the answer lists duplicates and failures.
+async fn submit_tasks(state: AppState, tasks: Vec<TaskEnvelope>, tp: TraceParent) -> Response {
     let publisher = match state.broker.publisher().await {
         Ok(p) => p,
         Err(e) => {
@@ -254,7 +263,11 @@ async fn submit(
             match state.store.submit(&t.id, t.kind.as_str()).await {
                 Ok(false) => Submitted::Duplicate,
                 Ok(true) => {
-                    let props = amqp::task_properties(&t.id, &tp.child().header(), 0);
+                    let header = flota_shared::telemetry::traceparent_in(
+                        &tracing::Span::current(),
+                        &tp.child().header(),
+                    );
+                    let props = amqp::task_properties(&t.id, &header, 0);
                     match publisher.publish(exchange, t.kind.as_str(), &t.to_json(), props).await {
                         Ok(()) => Submitted::Published,
                         Err(e) => {

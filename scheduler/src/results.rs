@@ -16,6 +16,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use tracing::Instrument;
+
 use flota_shared::amqp::{self, HEADER_ERROR, HEADER_REASON, long_string, with_headers};
 use flota_shared::envelope::{ErrorCode, Intent, InterpretOutput, Kind, ResultEnvelope, Status};
 use flota_shared::telemetry::TraceParent;
@@ -183,6 +185,22 @@ async fn handle_result(state: &AppState, delivery: Delivery, shutdown: &Cancella
             return;
         }
     };
+    // A child of the worker's publish span (its traceparent header), in the result's trace.
+    let parent = amqp::header_str(&delivery.properties, amqp::HEADER_TRACEPARENT)
+        .and_then(|h| TraceParent::parse(&h))
+        .filter(|tp| tp.trace_id == result.trace_id)
+        .unwrap_or_else(|| trace_of(&result));
+    let span = tracing::info_span!("record", task_id = %result.id, trace_id = %result.trace_id, status = result.status.as_str());
+    flota_shared::telemetry::set_remote_parent(&span, &parent);
+    record_and_ack(state, delivery, result, shutdown).instrument(span).await
+}
+
+async fn record_and_ack(
+    state: &AppState,
+    delivery: Delivery,
+    result: ResultEnvelope,
+    shutdown: &CancellationToken,
+) {
     let recorded = match record(state, &result, &delivery.data, shutdown).await {
         Ok(recorded) => recorded,
         Err(e) => {

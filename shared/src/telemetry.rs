@@ -10,10 +10,16 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Config, LogFormat};
+
+/// Target of spans that exist for traces only (lock, GPU call, publish). Log
+/// lines skip them and keep the enclosing task span as their context, so
+/// every line of a task still carries its `task_id` and `trace_id`.
+pub const TRACE_ONLY: &str = "flota::trace";
 
 /// Install the global subscriber (logs only). Safe to call twice.
 pub fn init(format: LogFormat) {
@@ -60,7 +66,9 @@ fn install(
             .with_tracer(t)
             .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
     });
-    tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).try_init()
+    let logged = filter
+        .and(tracing_subscriber::filter::filter_fn(|meta| !meta.is_span() || meta.target() != TRACE_ONLY));
+    tracing_subscriber::registry().with(fmt.with_filter(logged)).with(otel).try_init()
 }
 
 fn otlp_provider(endpoint: &str, service: &'static str) -> anyhow::Result<SdkTracerProvider> {
@@ -103,6 +111,21 @@ pub fn set_remote_parent(span: &tracing::Span, tp: &TraceParent) {
         TraceState::default(),
     ));
     let _ = span.set_parent(cx);
+}
+
+/// The `traceparent` to send downstream from inside `span`: the span's own
+/// context when traces are exported (so the receiver's span is its child),
+/// else `fallback` (a fresh span id in the same trace: the trace id travels).
+pub fn traceparent_in(span: &tracing::Span, fallback: &str) -> String {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8())
+    } else {
+        fallback.to_string()
+    }
 }
 
 /// A parsed W3C trace context (`00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`).

@@ -57,12 +57,88 @@ async fn counters_match_a_known_workload() {
     env.cleanup().await;
 }
 
+/// JSON log lines of a child's log file (lines that are not JSON are skipped).
+fn json_lines(log: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// A directory for this test's log files.
+fn log_dir(env: &TestEnv) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("flota-logs-{}", env.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedulers_scrape_shows_records_queues_parked_tasks_and_dead_letters() {
+    let env = TestEnv::new("schedmetrics").await;
+    let gpu = procs::gpusim(&[]).await;
+    let _worker = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let scheduler = procs::scheduler(&env.env(), &[]).await;
+    let opened = "Abrí un trabajo para cambiar la bomba del pozo 3";
+    for i in 0..5 {
+        env.publish_task(
+            &json!({"id": format!("open-{i}"), "kind": "interpret", "input": {"message": opened}}),
+        )
+        .await;
+    }
+    env.publish_task(
+        &json!({"id": "delib", "kind": "deliberate", "input": {"role": "QA", "task": "Test the pump API"}}),
+    )
+    .await;
+    // Waits for a dependency nobody submits: parked (the default timeout is far off).
+    env.publish_task(&json!({"id": "waiting", "kind": "interpret", "input": {"message": "ok"}, "depends_on": ["never-submitted"]}))
+        .await;
+    // Not JSON: dead-lettered by the worker.
+    env.publish_raw(
+        "interpret",
+        b"{not json",
+        amqp::task_properties("x", &TraceParent::new_root().header(), 0),
+    )
+    .await;
+    let url = format!("{}/metrics", scheduler.url());
+    let interpret_queue = env.topo.work_queue(flota_shared::envelope::Kind::Interpret);
+    let series = |name: &str, queue: &str| format!("{name}{{queue=\"{queue}\"}}");
+    let dead = series("flota_queue_messages", &env.topo.dead_queue());
+    let consumers = series("flota_queue_consumers", &interpret_queue);
+    // The gauges refresh every few seconds: wait until they show the settled fleet.
+    flota_tests::eventually("the scheduler's gauges settle", || async {
+        let scrape = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        sample(&scrape, &dead) == 1.0
+            && sample(&scrape, "flota_parked_tasks") == 1.0
+            && sample(&scrape, "flota_live_workers") == 1.0
+            && sample(&scrape, "flota_results_recorded_total{kind=\"interpret\",status=\"succeeded\"}") == 5.0
+    })
+    .await;
+    let scrape = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert_eq!(
+        sample(&scrape, "flota_results_recorded_total{kind=\"deliberate\",status=\"succeeded\"}"),
+        1.0
+    );
+    assert_eq!(sample(&scrape, &consumers), 1.0, "{scrape}");
+    assert_eq!(sample(&scrape, &series("flota_queue_messages", &interpret_queue)), 0.0);
+    // The WES metrics, fleet-wide from the results.
+    assert_eq!(sample(&scrape, "wes_works_opened_total"), 5.0, "{scrape}");
+    assert_eq!(sample(&scrape, "wes_interpreter_latency_seconds_count"), 5.0);
+    assert_eq!(sample(&scrape, "wes_proposals_accepted_total"), 1.0);
+    assert_eq!(sample(&scrape, "flota_results_duplicate_total"), 0.0);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_id_crosses_every_process() {
     let env = TestEnv::new("trace").await;
+    let dir = log_dir(&env);
+    let json_logs = [("FLOTA_LOG_FORMAT", "json"), ("RUST_LOG", "info")];
     let gpu = procs::gpusim(&[]).await;
-    let _worker = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let (worker_log, scheduler_log) = (dir.join("worker.log"), dir.join("scheduler.log"));
+    let worker =
+        flota_scheduler::fleet::worker(&env.env(), &gpu.url(), &json_logs, Some(&worker_log)).await.unwrap();
+    let scheduler =
+        flota_scheduler::fleet::scheduler(&env.env(), &json_logs, Some(&scheduler_log)).await.unwrap();
     let mut tap = env.tap_results().await;
+    // The producer: a trace context of its own on the task's AMQP headers.
     let tp = TraceParent::new_root();
     let task =
         json!({"id": "traced", "kind": "interpret", "input": {"message": "Abrí un trabajo para medir"}});
@@ -72,9 +148,10 @@ async fn one_trace_id_crosses_every_process() {
         amqp::task_properties("traced", &tp.header(), 0),
     )
     .await;
+    // The result envelope.
     let r = tap.next().await.unwrap();
     assert_eq!(r.trace_id, tp.trace_id, "result envelope carries the producer's trace");
-    // The GPU request carried it as a W3C header.
+    // The GPU request carried it as a W3C header, with a span of the worker's own.
     let recent: Vec<serde_json::Value> =
         reqwest::get(format!("{}/debug/requests?limit=10", gpu.url())).await.unwrap().json().await.unwrap();
     let forwarded: Vec<TraceParent> =
@@ -84,9 +161,37 @@ async fn one_trace_id_crosses_every_process() {
         "traceparent forwarded to the GPU: {recent:?}"
     );
     assert!(forwarded.iter().all(|t| t.span_id != tp.span_id), "a child span, not the producer's");
-    // The stored record has it too.
-    let state = env.store.task_state("traced").await.unwrap().unwrap();
-    assert!(state.result.unwrap().contains(&tp.trace_id));
+    // The scheduler's record, read through its API.
+    let api = format!("{}/v1/tasks/traced", scheduler.url());
+    flota_tests::eventually("the scheduler records the task", || async {
+        let body: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
+        body["status"] == "succeeded"
+    })
+    .await;
+    let body: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
+    assert_eq!(body["result"]["trace_id"], tp.trace_id.as_str(), "{body}");
+    // The worker's and the scheduler's logs, once both have flushed them.
+    assert_eq!(worker.terminate().await, Some(0));
+    assert_eq!(scheduler.terminate().await, Some(0));
+    let mentions = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .filter(|l| {
+                let fields = [&l["task_id"], &l["span"]["task_id"]];
+                let trace = [&l["trace_id"], &l["span"]["trace_id"]];
+                fields.iter().any(|v| *v == "traced") && trace.iter().any(|v| *v == tp.trace_id.as_str())
+            })
+            .count()
+    };
+    assert!(mentions(&json_lines(&worker_log)) > 0, "the worker logged the task with its trace id");
+    let scheduler_lines = json_lines(&scheduler_log);
+    assert!(
+        scheduler_lines.iter().any(|l| l["message"] == "Result recorded."
+            && l["task_id"] == "traced"
+            && l["trace_id"] == tp.trace_id.as_str()),
+        "the scheduler logged the record with the trace id: {scheduler_lines:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
     env.cleanup().await;
 }
 
@@ -143,7 +248,8 @@ async fn json_logs_carry_task_and_trace_ids() {
     worker_env.push(("FLOTA_GPU_URL".into(), gpu.url()));
     worker_env.push(("FLOTA_METRICS_ADDR".into(), "127.0.0.1:0".into()));
     worker_env.push(("FLOTA_LOG_FORMAT".into(), "json".into()));
-    worker_env.push(("RUST_LOG".into(), "info".into()));
+    // Debug: the GPU client's and the libraries' lines inside a task count too.
+    worker_env.push(("RUST_LOG".into(), "debug".into()));
     let worker =
         procs::Proc::start_with("flota-worker", &[], &worker_env, "ready", Some(&log)).await.unwrap();
     let mut tap = env.tap_results().await;
@@ -163,10 +269,18 @@ async fn json_logs_carry_task_and_trace_ids() {
     let about_task: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l.to_string().contains("\"logged\"")).collect();
     assert!(!about_task.is_empty(), "the task's processing is logged");
-    for l in about_task {
+    for l in &about_task {
         let span = &l["span"];
         assert_eq!(span["task_id"], "logged", "{l}");
         assert_eq!(span["trace_id"], tp.trace_id.as_str(), "{l}");
+    }
+    // Every line logged while the task ran (the GPU calls' and the libraries' too)
+    // has the task's span as its context: the trace-only spans never hide it.
+    let in_task: Vec<&serde_json::Value> = lines.iter().filter(|l| !l["span"].is_null()).collect();
+    assert!(in_task.iter().any(|l| l["level"] == "DEBUG"), "debug lines from inside the GPU calls: {text}");
+    for l in in_task {
+        assert_eq!(l["span"]["name"], "consume", "{l}");
+        assert_eq!(l["span"]["trace_id"], tp.trace_id.as_str(), "{l}");
     }
     let _ = std::fs::remove_dir_all(dir);
     env.cleanup().await;
@@ -194,8 +308,9 @@ async fn spans_are_exported_over_otlp_with_the_producers_trace_id() {
 
     let env = TestEnv::new("otlp").await;
     let gpu = procs::gpusim(&[]).await;
-    let worker =
-        procs::worker(&env.env(), &gpu.url(), &[("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str())]).await;
+    let otlp = [("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str())];
+    let worker = procs::worker(&env.env(), &gpu.url(), &otlp).await;
+    let scheduler = procs::scheduler(&env.env(), &otlp).await;
     let mut tap = env.tap_results().await;
     let tp = TraceParent::new_root();
     let task =
@@ -207,15 +322,43 @@ async fn spans_are_exported_over_otlp_with_the_producers_trace_id() {
     )
     .await;
     let _ = tap.next().await.unwrap();
-    // Draining flushes the batch exporter.
+    let api = format!("{}/v1/tasks/exported", scheduler.url());
+    flota_tests::eventually("the scheduler records the task", || async {
+        let body: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
+        body["status"] == "succeeded"
+    })
+    .await;
+    // Draining flushes the batch exporters.
     assert_eq!(worker.terminate().await, Some(0));
-    let raw_trace_id: Vec<u8> =
-        (0..16).map(|i| u8::from_str_radix(&tp.trace_id[2 * i..2 * i + 2], 16).unwrap()).collect();
+    assert_eq!(scheduler.terminate().await, Some(0));
+    let unhex = |h: &str| -> Vec<u8> {
+        (0..h.len() / 2).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap()).collect()
+    };
     let bodies: Vec<Vec<u8>> = bodies.lock().unwrap().clone();
     assert!(!bodies.is_empty(), "spans exported");
+    let in_trace: Vec<&Vec<u8>> = bodies.iter().filter(|b| contains(b, &unhex(&tp.trace_id))).collect();
+    assert!(!in_trace.is_empty(), "exported spans belong to the producer's trace");
+    // In OTLP protobuf a span's name is field 5 (tag 0x2a, then its length):
+    // every stage of the task is a span, in both services.
+    for service in ["flota-worker", "flota-scheduler"] {
+        assert!(in_trace.iter().any(|b| contains(b, service.as_bytes())), "{service} exported spans");
+    }
+    for name in ["consume", "lock", "gpu.call", "publish", "record"] {
+        let field = [&[0x2a, name.len() as u8], name.as_bytes()].concat();
+        assert!(in_trace.iter().any(|b| contains(b, &field)), "span `{name}` exported");
+    }
+    // The GPU server was told the exported gpu.call span's id, so its spans join under it.
+    let recent: Vec<serde_json::Value> =
+        reqwest::get(format!("{}/debug/requests?limit=10", gpu.url())).await.unwrap().json().await.unwrap();
+    let sent = recent.iter().filter_map(|r| r["traceparent"].as_str()).find_map(TraceParent::parse).unwrap();
+    assert_eq!(sent.trace_id, tp.trace_id);
     assert!(
-        bodies.iter().any(|b| b.windows(16).any(|w| w == raw_trace_id.as_slice())),
-        "an exported span belongs to the producer's trace"
+        in_trace.iter().any(|b| contains(b, &unhex(&sent.span_id))),
+        "the forwarded span id is an exported span"
     );
     env.cleanup().await;
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -18,6 +18,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use flota_shared::amqp::{
     self, HEADER_ATTEMPT, HEADER_ERROR, HEADER_REASON, HEADER_SOURCE_QUEUE, Publisher, Topology, long_string,
@@ -25,6 +26,7 @@ use flota_shared::amqp::{
 };
 use flota_shared::envelope::Kind;
 use flota_shared::store::Handoff;
+use flota_shared::telemetry::TRACE_ONLY;
 
 use crate::breaker::BreakerState;
 use crate::process::{Decision, WorkerCtx, process};
@@ -206,10 +208,32 @@ async fn handle(
     delivery: Delivery,
     hand_back: &CancellationToken,
 ) {
-    let decision = process(ctx, &delivery.data, &delivery.properties, hand_back).await;
-    let published = match &decision {
+    let (span, trace) = crate::process::consume_span(&delivery.properties);
+    async {
+        let decision = process(ctx, &delivery.data, &delivery.properties, trace, hand_back).await;
+        let publish = tracing::info_span!(target: TRACE_ONLY, "publish");
+        let published = carry_out(ctx, publisher, topo, kind, &delivery, &decision).instrument(publish).await;
+        settle(ctx, publisher, topo, delivery, decision, published).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Publish what the decision says must be published before the ack. `None`:
+/// the delivery was handed back (nothing to ack).
+async fn carry_out(
+    ctx: &WorkerCtx,
+    publisher: &Publisher,
+    topo: &Topology,
+    kind: Kind,
+    delivery: &Delivery,
+    decision: &Decision,
+) -> Option<Result<(), amqp::PublishError>> {
+    Some(match decision {
         Decision::Report { id, body, traceparent, dead_letter, .. } => {
-            let props = amqp::message_properties(id, traceparent);
+            // The scheduler's span becomes a child of this publish.
+            let traceparent = flota_shared::telemetry::traceparent_in(&tracing::Span::current(), traceparent);
+            let props = amqp::message_properties(id, &traceparent);
             match publisher.publish(&topo.results_exchange(), "", body, props).await {
                 Ok(()) => match dead_letter {
                     Some(dl) => {
@@ -218,7 +242,7 @@ async fn handle(
                             publisher,
                             topo,
                             kind,
-                            &delivery,
+                            delivery,
                             &dl.reason.to_string(),
                             &dl.error,
                         )
@@ -230,7 +254,7 @@ async fn handle(
             }
         }
         Decision::DeadLetter(dl) => {
-            dead_letter_copy(ctx, publisher, topo, kind, &delivery, dl.reason.as_str(), &dl.error).await
+            dead_letter_copy(ctx, publisher, topo, kind, delivery, dl.reason.as_str(), &dl.error).await
         }
         Decision::Retry { attempt, delay } => {
             let tier = amqp::retry_tier_for(*delay);
@@ -238,12 +262,24 @@ async fn handle(
                 with_headers(&delivery.properties, &[(HEADER_ATTEMPT, AMQPValue::LongInt(*attempt as i32))]);
             publisher.publish("", &topo.retry_queue(kind, tier), &delivery.data, props).await
         }
-        Decision::HandBack => {
-            let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-            return;
-        }
+        Decision::HandBack => return None,
         // The body is durably parked in Redis; the scheduler republishes it.
         Decision::Parked => Ok(()),
+    })
+}
+
+/// Ack once the decision's publish is confirmed; otherwise give the delivery back.
+async fn settle(
+    ctx: &WorkerCtx,
+    publisher: &Publisher,
+    topo: &Topology,
+    delivery: Delivery,
+    decision: Decision,
+    published: Option<Result<(), amqp::PublishError>>,
+) {
+    let Some(published) = published else {
+        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        return;
     };
     match published {
         Ok(()) => {

@@ -15,9 +15,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use flota_shared::config::Config;
 use flota_shared::envelope::Usage;
+use flota_shared::telemetry::TRACE_ONLY;
 
 use crate::breaker::{Breaker, call_verdict};
 use crate::fleet::Admission;
@@ -307,6 +309,22 @@ impl GpuClient {
         traceparent: &str,
         timeout: Duration,
     ) -> Result<Completion, GpuError> {
+        let span = tracing::info_span!(target: TRACE_ONLY, "gpu.call", outcome = tracing::field::Empty);
+        // The GPU server's span (vLLM exports one) becomes a child of this call.
+        let traceparent = flota_shared::telemetry::traceparent_in(&span, traceparent);
+        let result =
+            self.chat_once_traced(req, deadline, &traceparent, timeout).instrument(span.clone()).await;
+        span.record("outcome", call_outcome(&result));
+        result
+    }
+
+    async fn chat_once_traced(
+        &self,
+        req: &ChatRequest,
+        deadline: Instant,
+        traceparent: &str,
+        timeout: Duration,
+    ) -> Result<Completion, GpuError> {
         // The fleet-wide cap: wait for a slot (bounded by the deadline) before calling.
         let _slot = match &self.admission {
             Some(a) => Some(a.acquire(deadline).await?),
@@ -316,15 +334,7 @@ impl GpuClient {
         let result = self.chat_once_inner(req, deadline, traceparent, timeout).await;
         let elapsed = started.elapsed();
         self.breaker.record(call_verdict(&result.as_ref().map(|_| ()), elapsed));
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(GpuError::Transient { timed_out: true, .. }) => "timeout",
-            Err(GpuError::Transient { .. }) => "unavailable",
-            Err(GpuError::Invalid { .. }) => "refused",
-            Err(GpuError::Deadline) => "deadline",
-            Err(GpuError::BreakerOpen) => "rejected",
-        };
-        self.observer.on_call(outcome, elapsed);
+        self.observer.on_call(call_outcome(&result), elapsed);
         result
     }
 
@@ -428,6 +438,18 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, GpuError> {
             Ok(None) => return Ok(buf),
             Err(e) => return Err(transport_error(e)),
         }
+    }
+}
+
+/// The `outcome` label of one call (metrics and the `gpu.call` span).
+fn call_outcome<T>(result: &Result<T, GpuError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(GpuError::Transient { timed_out: true, .. }) => "timeout",
+        Err(GpuError::Transient { .. }) => "unavailable",
+        Err(GpuError::Invalid { .. }) => "refused",
+        Err(GpuError::Deadline) => "deadline",
+        Err(GpuError::BreakerOpen) => "rejected",
     }
 }
 

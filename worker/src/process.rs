@@ -21,7 +21,8 @@ use flota_shared::envelope::{
     TaskEnvelope, TaskInput, Usage,
 };
 use flota_shared::store::{Claim, Finish, Handoff, Park, Store};
-use flota_shared::telemetry::TraceParent;
+use flota_shared::telemetry::{TRACE_ONLY, TraceParent};
+use tracing::Instrument;
 
 use crate::error::{TaskError, Verdict, decide};
 use crate::gpu::GpuClient;
@@ -81,10 +82,13 @@ pub struct WorkerCtx {
     pub panic_on: Option<String>,
 }
 
+/// Decide what to do with one delivery. Runs inside the caller's `consume`
+/// span, whose `task_id`, `kind` and `attempt` it records once they are read.
 pub async fn process(
     ctx: &WorkerCtx,
     body: &[u8],
     props: &BasicProperties,
+    trace: TraceParent,
     hand_back: &CancellationToken,
 ) -> Decision {
     if let Some(ct) = props.content_type().as_ref().map(|c| c.as_str().to_ascii_lowercase())
@@ -98,7 +102,6 @@ pub async fn process(
             ),
         });
     }
-    let trace = TraceParent::parse_or_new(header_str(props, HEADER_TRACEPARENT).as_deref());
     let attempt = header_int(props, HEADER_ATTEMPT).unwrap_or(0).clamp(0, 1000) as u32;
 
     let task = match envelope::parse_task(body) {
@@ -133,18 +136,31 @@ pub async fn process(
         }
     };
 
-    let span = tracing::info_span!("task", task_id = %task.id, trace_id = %trace.trace_id, kind = %task.kind, attempt);
-    flota_shared::telemetry::set_remote_parent(&span, &trace);
-    async move {
-        if !task.depends_on.is_empty()
-            && let Some(decision) = check_dependencies(ctx, &task, body, &trace, attempt).await
-        {
-            return decision;
-        }
-        run_claimed(ctx, body, task, trace, attempt, hand_back).await
+    let span = tracing::Span::current();
+    span.record("task_id", task.id.as_str());
+    span.record("kind", task.kind.as_str());
+    span.record("attempt", attempt);
+    if !task.depends_on.is_empty()
+        && let Some(decision) = check_dependencies(ctx, &task, body, &trace, attempt).await
+    {
+        return decision;
     }
-    .instrument_in(span)
-    .await
+    run_claimed(ctx, body, task, trace, attempt, hand_back).await
+}
+
+/// The span one delivery is processed in, a child of the producer's context.
+/// `process` fills in what only the envelope tells.
+pub fn consume_span(props: &BasicProperties) -> (tracing::Span, TraceParent) {
+    let trace = TraceParent::parse_or_new(header_str(props, HEADER_TRACEPARENT).as_deref());
+    let span = tracing::info_span!(
+        "consume",
+        task_id = tracing::field::Empty,
+        trace_id = %trace.trace_id,
+        kind = tracing::field::Empty,
+        attempt = tracing::field::Empty,
+    );
+    flota_shared::telemetry::set_remote_parent(&span, &trace);
+    (span, trace)
 }
 
 /// Park the task until its dependencies succeeded, or fail it when one failed
@@ -201,16 +217,6 @@ fn epoch_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Small helper so the span wraps the whole future.
-trait InstrumentIn: Sized {
-    fn instrument_in(self, span: tracing::Span) -> tracing::instrument::Instrumented<Self>;
-}
-impl<F: std::future::Future> InstrumentIn for F {
-    fn instrument_in(self, span: tracing::Span) -> tracing::instrument::Instrumented<Self> {
-        tracing::Instrument::instrument(self, span)
-    }
-}
-
 async fn run_claimed(
     ctx: &WorkerCtx,
     raw: &[u8],
@@ -225,6 +231,7 @@ async fn run_claimed(
     let claim = match ctx
         .store
         .claim(&task.id, &task.lock_keys, raw, &token, lease, &ctx.config.worker_id, task.kind.as_str())
+        .instrument(tracing::info_span!(target: TRACE_ONLY, "lock"))
         .await
     {
         Ok(c) => c,
