@@ -163,11 +163,13 @@ async fn one_trace_id_crosses_every_process() {
     assert!(forwarded.iter().all(|t| t.span_id != tp.span_id), "a child span, not the producer's");
     // The scheduler's record, read through its API.
     let api = format!("{}/v1/tasks/traced", scheduler.url());
-    flota_tests::eventually("the scheduler records the task", || async {
+    flota_tests::eventually("the API shows the task succeeded", || async {
         let body: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
         body["status"] == "succeeded"
     })
     .await;
+    // The worker stores the status itself; the scheduler's own record comes after.
+    flota_tests::wait_recorded(&scheduler.url(), 1, 1).await;
     let body: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
     assert_eq!(body["result"]["trace_id"], tp.trace_id.as_str(), "{body}");
     // The worker's and the scheduler's logs, once both have flushed them.
@@ -323,11 +325,13 @@ async fn spans_are_exported_over_otlp_with_the_producers_trace_id() {
     .await;
     let _ = tap.next().await.unwrap();
     let api = format!("{}/v1/tasks/exported", scheduler.url());
-    flota_tests::eventually("the scheduler records the task", || async {
+    flota_tests::eventually("the API shows the task succeeded", || async {
         let body: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
         body["status"] == "succeeded"
     })
     .await;
+    // The worker stores the status itself; the scheduler's own record comes after.
+    flota_tests::wait_recorded(&scheduler.url(), 1, 1).await;
     // Draining flushes the batch exporters.
     assert_eq!(worker.terminate().await, Some(0));
     assert_eq!(scheduler.terminate().await, Some(0));
@@ -341,7 +345,13 @@ async fn spans_are_exported_over_otlp_with_the_producers_trace_id() {
     // In OTLP protobuf a span's name is field 5 (tag 0x2a, then its length):
     // every stage of the task is a span, in both services.
     for service in ["flota-worker", "flota-scheduler"] {
-        assert!(in_trace.iter().any(|b| contains(b, service.as_bytes())), "{service} exported spans");
+        assert!(
+            in_trace.iter().any(|b| contains(b, service.as_bytes())),
+            "{service} exported spans in the trace ({} bodies, {} in the trace, {} from {service})",
+            bodies.len(),
+            in_trace.len(),
+            bodies.iter().filter(|b| contains(b, service.as_bytes())).count()
+        );
     }
     for name in ["consume", "lock", "gpu.call", "publish", "record"] {
         let field = [&[0x2a, name.len() as u8], name.as_bytes()].concat();
