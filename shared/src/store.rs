@@ -196,6 +196,7 @@ pub struct Scripts {
     pub store_result: Script,
     pub admit: Script,
     pub wake: Script,
+    pub reopen: Script,
 }
 
 impl Default for Scripts {
@@ -212,6 +213,7 @@ impl Default for Scripts {
             store_result: Script::new(include_str!("../lua/store_result.lua")),
             admit: Script::new(include_str!("../lua/admit.lua")),
             wake: Script::new(include_str!("../lua/wake.lua")),
+            reopen: Script::new(include_str!("../lua/reopen.lua")),
         }
     }
 }
@@ -695,20 +697,43 @@ impl Store {
         Ok(())
     }
 
-    /// Attempts / applies / fenced counters of a task's ledger.
+    /// Before a replay: let a task whose stored result is `failed` run again
+    /// (the failure is kept as `previous_result`, the ledger counts the replay).
+    pub async fn reopen(&self, id: &str) -> Result<Reopened, StoreError> {
+        let mut c = self.conn().await?;
+        let reply: String = self
+            .scripts
+            .reopen
+            .key(self.keys.task(id))
+            .key(self.keys.ledger(id))
+            .arg(crate::envelope::now_rfc3339())
+            .invoke_async(&mut c)
+            .await?;
+        match reply.as_str() {
+            "reopened" => Ok(Reopened::Reopened),
+            "kept" => Ok(Reopened::Kept),
+            "none" => Ok(Reopened::Nothing),
+            _ => Err(StoreError::Reply("reopen")),
+        }
+    }
+
+    /// Attempts / applies / fenced / replays counters of a task's ledger.
     pub async fn ledger(&self, id: &str) -> Result<Ledger, StoreError> {
         let mut c = self.conn().await?;
-        let (attempts, applies, fenced): (Option<u64>, Option<u64>, Option<u64>) = redis::cmd("HMGET")
-            .arg(self.keys.ledger(id))
-            .arg("attempts")
-            .arg("applies")
-            .arg("fenced")
-            .query_async(&mut c)
-            .await?;
+        let (attempts, applies, fenced, replays): (Option<u64>, Option<u64>, Option<u64>, Option<u64>) =
+            redis::cmd("HMGET")
+                .arg(self.keys.ledger(id))
+                .arg("attempts")
+                .arg("applies")
+                .arg("fenced")
+                .arg("replays")
+                .query_async(&mut c)
+                .await?;
         Ok(Ledger {
             attempts: attempts.unwrap_or(0),
             applies: applies.unwrap_or(0),
             fenced: fenced.unwrap_or(0),
+            replays: replays.unwrap_or(0),
         })
     }
 
@@ -923,8 +948,22 @@ pub struct TaskState {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ledger {
     pub attempts: u64,
+    /// Results stored: one per run, so `replays + 1` at most.
     pub applies: u64,
     pub fenced: u64,
+    /// Operator replays that reopened a failed task (`flotactl dlq replay`).
+    pub replays: u64,
+}
+
+/// What [`Store::reopen`] did before a replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reopened {
+    /// The failed result was set aside: the replay runs the task again.
+    Reopened,
+    /// A succeeded result stays: the replay re-reports it, no GPU call.
+    Kept,
+    /// No result stored: the replay runs it as any delivery.
+    Nothing,
 }
 
 #[cfg(test)]

@@ -159,6 +159,7 @@ impl TestEnv {
                 reason: amqp::header_str(props, amqp::HEADER_REASON),
                 error: amqp::header_str(props, amqp::HEADER_ERROR),
                 body: msg.delivery.data.clone(),
+                properties: props.clone(),
             });
             msg.delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
         }
@@ -266,6 +267,8 @@ pub struct DeadLetter {
     pub reason: Option<String>,
     pub error: Option<String>,
     pub body: Vec<u8>,
+    /// Every property and header as it arrived (`x-flota-attempt`, `x-death`, ...).
+    pub properties: BasicProperties,
 }
 
 pub struct ResultTap {

@@ -269,9 +269,13 @@ async fn run(cli: Cli, config: config::Config) -> anyhow::Result<ExitCode> {
                     if id.is_none() && !all {
                         anyhow::bail!("say which: `flotactl dlq replay ID` or `flotactl dlq replay --all`");
                     }
-                    let done = dlq::walk(&config, dlq::Action::Replay(id.as_deref())).await?;
+                    let store = store()?;
+                    let done = dlq::walk(&config, dlq::Action::Replay(id.as_deref(), &store)).await?;
                     let replayed = done.iter().filter(|d| d.get("replayed").is_none()).count();
                     println!("replayed {replayed}");
+                    for d in done.iter().filter(|d| d["rerun"] == false) {
+                        eprintln!("{} had succeeded: its result is re-reported, not run again", d["id"]);
+                    }
                     for d in done.iter().filter(|d| d.get("replayed").is_some()) {
                         eprintln!("not replayed {}: {}", d["id"], d["why"]);
                     }

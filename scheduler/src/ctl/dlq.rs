@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use flota_shared::amqp::{self, HEADER_ERROR, HEADER_REASON, Publisher, Topology};
 use flota_shared::config::Config;
 use flota_shared::envelope::Kind;
+use flota_shared::store::{Reopened, Store};
 
 /// One dead letter as shown to an operator.
 pub fn describe(delivery: &lapin::message::Delivery) -> Value {
@@ -34,11 +35,16 @@ pub fn replay_key(delivery: &lapin::message::Delivery) -> Option<&'static str> {
 pub enum Action<'a> {
     List,
     Show(&'a str),
-    Replay(Option<&'a str>),
+    /// The id (`None`: all), and the store where failed tasks are reopened.
+    Replay(Option<&'a str>, &'a Store),
 }
 
 /// Walk the dead-letter queue once: every message is taken, looked at, and
 /// either replayed (then acked) or returned (nack-requeue; `P.dead` has no delivery limit).
+///
+/// A replayed task whose stored result is `failed` is reopened in Redis first
+/// (so it runs again instead of re-reporting its failure); one that succeeded
+/// keeps its result and is only re-reported.
 pub async fn walk(config: &Config, action: Action<'_>) -> anyhow::Result<Vec<Value>> {
     let topo = Topology::new(&config.prefix);
     let conn = amqp::connect(config, "flotactl dlq").await?;
@@ -54,18 +60,27 @@ pub async fn walk(config: &Config, action: Action<'_>) -> anyhow::Result<Vec<Val
         let id = info["id"].as_str().map(str::to_string);
         let wanted = match &action {
             Action::List => true,
-            Action::Show(want) | Action::Replay(Some(want)) => id.as_deref() == Some(*want),
-            Action::Replay(None) => true,
+            Action::Show(want) | Action::Replay(Some(want), _) => id.as_deref() == Some(*want),
+            Action::Replay(None, _) => true,
         };
-        if wanted && matches!(action, Action::Replay(_)) {
+        if let (true, Action::Replay(_, store)) = (wanted, &action) {
             match replay_key(&delivery) {
                 Some(key) => {
+                    // Reopen before publishing: a worker taking the replay must not
+                    // find the old failure. (If the publish fails, the dead letter
+                    // stays and a second replay works the same way.)
+                    let reopened = match id.as_deref() {
+                        Some(id) => store.reopen(id).await?,
+                        None => Reopened::Nothing,
+                    };
                     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
                     // A replay starts its attempts afresh.
                     headers.insert(ShortString::from(amqp::HEADER_ATTEMPT), AMQPValue::LongInt(0));
                     let props = delivery.properties.clone().with_headers(headers);
                     publisher.publish(&topo.tasks_exchange(), key, &delivery.data, props).await?;
                     delivery.acker.ack(BasicAckOptions::default()).await?;
+                    let mut info = info;
+                    info["rerun"] = json!(reopened != Reopened::Kept);
                     seen.push(info);
                     continue;
                 }
