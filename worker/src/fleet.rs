@@ -20,6 +20,33 @@ use crate::gpu::{GpuClient, GpuError};
 /// How often a replica looks at the fleet's breaker state.
 pub const SYNC_EVERY: Duration = Duration::from_millis(250);
 
+/// The first pause between admission attempts; it doubles up to [`ADMISSION_MAX_WAIT`].
+const ADMISSION_FIRST_WAIT: Duration = Duration::from_millis(2);
+/// The longest pause between admission attempts.
+const ADMISSION_MAX_WAIT: Duration = Duration::from_millis(50);
+/// How much longer than the call timeout a GPU slot's lease lasts.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// A slot's lease outlives the longest call by a margin; a dead worker's lease expires after it.
+fn admission_lease(call_timeout: Duration) -> Duration {
+    call_timeout + LEASE_MARGIN
+}
+
+/// Whether waiting `wait` more for a slot still ends before the deadline (else give up now).
+fn admission_wait_fits(now: Instant, wait: Duration, deadline: Instant) -> bool {
+    now + wait < deadline
+}
+
+/// The pause before the next attempt, jittered within `wait/2..=wait` so polling replicas spread out.
+fn admission_pause(wait: Duration, jitter: Duration) -> Duration {
+    wait / 2 + jitter / 2
+}
+
+/// The next attempt's `wait`: doubled, capped so a freed slot is noticed quickly.
+fn next_admission_wait(wait: Duration) -> Duration {
+    (wait * 2).min(ADMISSION_MAX_WAIT)
+}
+
 /// The fleet-wide in-flight cap.
 pub struct Admission {
     store: Store,
@@ -29,8 +56,7 @@ pub struct Admission {
 
 impl Admission {
     pub fn new(store: Store, cap: u32, call_timeout: Duration) -> Admission {
-        // A lease outlives the longest call by a margin; a dead worker's lease expires after it.
-        Admission { store, cap, lease: call_timeout + Duration::from_secs(2) }
+        Admission { store, cap, lease: admission_lease(call_timeout) }
     }
 
     /// Wait for a slot, polling with jitter, until `deadline`. When Redis is
@@ -38,7 +64,7 @@ impl Admission {
     /// rather than overload the server blindly.
     pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Slot, GpuError> {
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let mut wait = Duration::from_millis(2);
+        let mut wait = ADMISSION_FIRST_WAIT;
         loop {
             match self.store.admit_gpu(&token, self.cap, self.lease).await {
                 Ok(true) => return Ok(Slot { admission: self.clone(), token: Some(token) }),
@@ -51,12 +77,12 @@ impl Admission {
                     });
                 }
             }
-            if Instant::now() + wait >= deadline {
+            if !admission_wait_fits(Instant::now(), wait, deadline) {
                 return Err(GpuError::Deadline);
             }
             let jitter = Duration::from_micros(rand::random_range(0..=wait.as_micros() as u64));
-            tokio::time::sleep(wait / 2 + jitter / 2).await;
-            wait = (wait * 2).min(Duration::from_millis(50));
+            tokio::time::sleep(admission_pause(wait, jitter)).await;
+            wait = next_admission_wait(wait);
         }
     }
 }
@@ -167,4 +193,47 @@ async fn del(store: &Store, key: &str) -> Result<(), flota_shared::store::StoreE
 
 fn redis_cmd(name: &str) -> flota_shared::store::redis::Cmd {
     flota_shared::store::redis::cmd(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_outlives_the_call_timeout_by_the_margin() {
+        assert_eq!(admission_lease(Duration::from_secs(30)), Duration::from_secs(32));
+        assert_eq!(admission_lease(Duration::from_millis(500)), Duration::from_millis(2500));
+        assert!(admission_lease(Duration::ZERO) > Duration::ZERO);
+    }
+
+    #[test]
+    fn admission_gives_up_when_the_wait_would_reach_the_deadline() {
+        let now = Instant::now();
+        let wait = Duration::from_millis(10);
+        assert!(admission_wait_fits(now, wait, now + Duration::from_millis(11)));
+        // Ending exactly at the deadline is too late.
+        assert!(!admission_wait_fits(now, wait, now + wait));
+        assert!(!admission_wait_fits(now, wait, now + Duration::from_millis(5)));
+        assert!(!admission_wait_fits(now, wait, now - Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn admission_pause_is_between_half_the_wait_and_the_wait() {
+        let wait = Duration::from_millis(40);
+        assert_eq!(admission_pause(wait, Duration::ZERO), Duration::from_millis(20));
+        assert_eq!(admission_pause(wait, wait), wait);
+        assert_eq!(admission_pause(wait, Duration::from_millis(10)), Duration::from_millis(25));
+    }
+
+    #[test]
+    fn admission_wait_doubles_up_to_its_cap() {
+        let mut wait = ADMISSION_FIRST_WAIT;
+        let mut seen = vec![wait];
+        for _ in 0..8 {
+            wait = next_admission_wait(wait);
+            seen.push(wait);
+        }
+        let ms: Vec<u128> = seen.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [2, 4, 8, 16, 32, 50, 50, 50, 50]);
+    }
 }

@@ -224,11 +224,10 @@ impl GpuClient {
         }
         self.model
             .get_or_try_init(|| async {
-                let timeout = self.call_timeout.min(deadline.saturating_duration_since(Instant::now()));
-                let mut req = self.http.get(format!("{}/v1/models", self.base)).timeout(timeout);
-                if let Some(key) = &self.api_key {
-                    req = req.bearer_auth(key);
-                }
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                // Past the deadline the lookup still goes out, with a zero timeout.
+                let timeout = call_timeout_within(remaining, self.call_timeout).unwrap_or_default();
+                let req = models_http_request(&self.http, &self.base, timeout, self.api_key.as_deref());
                 let resp = req.send().await.map_err(transport_error)?;
                 let status = resp.status().as_u16();
                 let body = read_capped(resp).await?;
@@ -272,10 +271,8 @@ impl GpuClient {
             match result {
                 Ok(c) => return Ok(c),
                 Err(e) if e.is_retryable() => {
-                    let Some(mut delay) = delays.next() else { return Err(e) };
-                    if let GpuError::Transient { retry_after: Some(ra), .. } = &e {
-                        delay = delay.max(*ra);
-                    }
+                    let Some(backoff_delay) = delays.next() else { return Err(e) };
+                    let delay = retry_delay(backoff_delay, &e);
                     if Instant::now() + delay >= deadline {
                         return Err(e);
                     }
@@ -346,31 +343,16 @@ impl GpuClient {
         call_timeout: Duration,
     ) -> Result<Completion, GpuError> {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
+        let Some(timeout) = call_timeout_within(remaining, call_timeout) else {
             return Err(GpuError::Deadline);
-        }
+        };
         let model = match &req.model {
             Some(m) => m.clone(),
             None => self.model(deadline).await?,
         };
-        let timeout = remaining.min(call_timeout);
-        let body = WireRequest {
-            model: &model,
-            messages: &req.messages,
-            max_tokens: req.max_tokens,
-            temperature: req.temperature,
-            response_format: req.response_format.as_ref(),
-            user: req.user.as_deref(),
-        };
-        let mut http = self
-            .http
-            .post(format!("{}/v1/chat/completions", self.base))
-            .timeout(timeout)
-            .header("traceparent", traceparent)
-            .json(&body);
-        if let Some(key) = &self.api_key {
-            http = http.bearer_auth(key);
-        }
+        let body = wire_request(req, &model);
+        let http =
+            chat_http_request(&self.http, &self.base, &body, timeout, traceparent, self.api_key.as_deref());
         let resp = http.send().await.map_err(|e| {
             if e.is_timeout() && Instant::now() >= deadline { GpuError::Deadline } else { transport_error(e) }
         })?;
@@ -391,6 +373,66 @@ impl GpuClient {
             .map(|u| Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens })
             .unwrap_or_default();
         Ok(Completion { content, usage })
+    }
+}
+
+/// A call's timeout: the smaller of the task's remaining time and the call timeout; `None` once spent.
+fn call_timeout_within(remaining: Duration, call_timeout: Duration) -> Option<Duration> {
+    (!remaining.is_zero()).then(|| remaining.min(call_timeout))
+}
+
+/// The pause before a retry: the backoff's, unless the server asked for longer with `Retry-After`.
+fn retry_delay(backoff_delay: Duration, error: &GpuError) -> Duration {
+    match error {
+        GpuError::Transient { retry_after: Some(ra), .. } => backoff_delay.max(*ra),
+        _ => backoff_delay,
+    }
+}
+
+/// The wire body of a chat call: `max_tokens` is not optional, so it is always sent.
+fn wire_request<'a>(req: &'a ChatRequest, model: &'a str) -> WireRequest<'a> {
+    WireRequest {
+        model,
+        messages: &req.messages,
+        max_tokens: req.max_tokens,
+        temperature: req.temperature,
+        response_format: req.response_format.as_ref(),
+        user: req.user.as_deref(),
+    }
+}
+
+/// The chat request, built unsent so its body and headers (traceparent, bearer key) can be checked.
+fn chat_http_request(
+    http: &reqwest::Client,
+    base: &str,
+    body: &WireRequest<'_>,
+    timeout: Duration,
+    traceparent: &str,
+    api_key: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let req = http
+        .post(format!("{base}/v1/chat/completions"))
+        .timeout(timeout)
+        .header("traceparent", traceparent)
+        .json(body);
+    with_api_key(req, api_key)
+}
+
+/// The `/v1/models` lookup, built without sending it; carries the key like every call.
+fn models_http_request(
+    http: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+    api_key: Option<&str>,
+) -> reqwest::RequestBuilder {
+    with_api_key(http.get(format!("{base}/v1/models")).timeout(timeout), api_key)
+}
+
+/// The API key goes out as a bearer token only when one is configured.
+fn with_api_key(req: reqwest::RequestBuilder, api_key: Option<&str>) -> reqwest::RequestBuilder {
+    match api_key {
+        Some(key) => req.bearer_auth(key),
+        None => req,
     }
 }
 
@@ -425,20 +467,25 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, GpuError> {
     let mut buf = Vec::new();
     loop {
         match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                    return Err(GpuError::Transient {
-                        message: "GPU response larger than the cap".into(),
-                        retry_after: None,
-                        timed_out: false,
-                    });
-                }
-                buf.extend_from_slice(&chunk);
-            }
+            Ok(Some(chunk)) => append_capped(&mut buf, &chunk)?,
             Ok(None) => return Ok(buf),
             Err(e) => return Err(transport_error(e)),
         }
     }
+}
+
+/// Append one body chunk, refusing (before buffering it) any that would take the body
+/// past [`MAX_RESPONSE_BYTES`]; the error names the cap, never the body.
+fn append_capped(buf: &mut Vec<u8>, chunk: &[u8]) -> Result<(), GpuError> {
+    if buf.len() + chunk.len() > MAX_RESPONSE_BYTES {
+        return Err(GpuError::Transient {
+            message: "GPU response larger than the cap".into(),
+            retry_after: None,
+            timed_out: false,
+        });
+    }
+    buf.extend_from_slice(chunk);
+    Ok(())
 }
 
 /// The `outcome` label of one call (metrics and the `gpu.call` span).
@@ -495,5 +542,187 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(status_error(503, b"", Some(Duration::from_secs(1))).is_retryable());
+    }
+    #[test]
+    fn call_timeout_is_the_call_timeout_when_the_task_has_more_time() {
+        let t = call_timeout_within(Duration::from_secs(300), Duration::from_secs(30));
+        assert_eq!(t, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn call_timeout_is_the_tasks_remaining_time_when_that_is_shorter() {
+        let t = call_timeout_within(Duration::from_millis(1500), Duration::from_secs(30));
+        assert_eq!(t, Some(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn call_timeout_when_both_sides_are_equal() {
+        let t = call_timeout_within(Duration::from_secs(30), Duration::from_secs(30));
+        assert_eq!(t, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn no_call_once_the_tasks_time_is_spent() {
+        assert_eq!(call_timeout_within(Duration::ZERO, Duration::from_secs(30)), None);
+        // What the real path feeds it once the deadline has passed.
+        let past = Instant::now() - Duration::from_secs(1);
+        let remaining = past.saturating_duration_since(Instant::now());
+        assert_eq!(call_timeout_within(remaining, Duration::from_secs(30)), None);
+        // A hair of time left is still a call, bounded by it.
+        assert_eq!(
+            call_timeout_within(Duration::from_nanos(1), Duration::from_secs(30)),
+            Some(Duration::from_nanos(1))
+        );
+    }
+
+    #[test]
+    fn retry_after_lengthens_the_backoff_but_never_shortens_it() {
+        let transient = |ra: Option<u64>| GpuError::Transient {
+            message: "HTTP 503".into(),
+            retry_after: ra.map(Duration::from_secs),
+            timed_out: false,
+        };
+        let backoff_delay = Duration::from_millis(400);
+        assert_eq!(retry_delay(backoff_delay, &transient(None)), backoff_delay);
+        assert_eq!(retry_delay(backoff_delay, &transient(Some(3))), Duration::from_secs(3));
+        assert_eq!(retry_delay(Duration::from_secs(5), &transient(Some(1))), Duration::from_secs(5));
+        assert_eq!(retry_delay(backoff_delay, &transient(Some(0))), backoff_delay);
+    }
+
+    #[test]
+    fn body_under_the_cap_is_kept() {
+        let mut buf = Vec::new();
+        append_capped(&mut buf, b"{\"choices\":").unwrap();
+        append_capped(&mut buf, b"[]}").unwrap();
+        assert_eq!(buf, b"{\"choices\":[]}");
+    }
+
+    #[test]
+    fn body_exactly_at_the_cap_is_kept() {
+        let mut buf = vec![b'a'; MAX_RESPONSE_BYTES - 10];
+        append_capped(&mut buf, &[b'b'; 10]).unwrap();
+        assert_eq!(buf.len(), MAX_RESPONSE_BYTES);
+        // Even an empty chunk at the cap is fine.
+        append_capped(&mut buf, b"").unwrap();
+        assert_eq!(buf.len(), MAX_RESPONSE_BYTES);
+    }
+
+    #[test]
+    fn body_over_the_cap_is_refused_as_transient_without_echoing_it() {
+        let mut buf = vec![b'a'; MAX_RESPONSE_BYTES];
+        let secret = b"SECRET-PROMPT-TEXT";
+        let err = append_capped(&mut buf, secret).unwrap_err();
+        // The code classifies an oversized answer as transient: retried, and a breaker failure.
+        assert!(err.is_retryable(), "{err:?}");
+        assert_eq!(
+            crate::breaker::call_verdict(&Err(&err), Duration::ZERO),
+            crate::breaker::CallVerdict::Failure
+        );
+        assert_eq!(call_outcome::<()>(&Err(err.clone())), "unavailable");
+        match &err {
+            GpuError::Transient { message, retry_after, timed_out } => {
+                assert_eq!(message, "GPU response larger than the cap");
+                assert_eq!(*retry_after, None);
+                assert!(!timed_out);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+        // The refused chunk is not buffered.
+        assert_eq!(buf.len(), MAX_RESPONSE_BYTES);
+    }
+
+    #[test]
+    fn one_chunk_larger_than_the_cap_is_refused_on_an_empty_body() {
+        let mut buf = Vec::new();
+        assert!(append_capped(&mut buf, &vec![b'x'; MAX_RESPONSE_BYTES + 1]).is_err());
+        assert!(buf.is_empty());
+    }
+
+    fn chat_request(max_tokens: u32) -> ChatRequest {
+        ChatRequest {
+            messages: vec![ChatMessage::system("be brief"), ChatMessage::user("hello")],
+            max_tokens,
+            temperature: 0.2,
+            response_format: None,
+            user: None,
+            model: None,
+        }
+    }
+
+    fn built_chat(req: &ChatRequest, api_key: Option<&str>) -> reqwest::Request {
+        let body = wire_request(req, "m-1");
+        chat_http_request(
+            &reqwest::Client::new(),
+            "http://gpu:8000",
+            &body,
+            Duration::from_secs(7),
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            api_key,
+        )
+        .build()
+        .unwrap()
+    }
+
+    fn json_body(r: &reqwest::Request) -> Value {
+        serde_json::from_slice(r.body().and_then(|b| b.as_bytes()).expect("a buffered body")).unwrap()
+    }
+
+    #[test]
+    fn chat_body_always_carries_max_tokens_and_the_model() {
+        let r = built_chat(&chat_request(64), None);
+        let v = json_body(&r);
+        assert_eq!(v["max_tokens"], 64);
+        assert_eq!(v["model"], "m-1");
+        assert_eq!(v["messages"][0]["role"], "system");
+        assert_eq!(v["messages"][1]["content"], "hello");
+        // Unset optional fields are left out, not sent as null.
+        assert!(v.get("response_format").is_none() && v.get("user").is_none(), "{v}");
+        // The probe's request (max_tokens 1) keeps it too.
+        assert_eq!(json_body(&built_chat(&chat_request(1), None))["max_tokens"], 1);
+    }
+
+    #[test]
+    fn chat_body_carries_response_format_and_user_when_given() {
+        let mut req = chat_request(32);
+        req.response_format = Some(serde_json::json!({"type": "json_object"}));
+        req.user = Some("agent-a".into());
+        let v = json_body(&built_chat(&req, None));
+        assert_eq!(v["response_format"]["type"], "json_object");
+        assert_eq!(v["user"], "agent-a");
+    }
+
+    #[test]
+    fn chat_request_sets_traceparent_timeout_and_url() {
+        let r = built_chat(&chat_request(8), None);
+        assert_eq!(*r.method(), reqwest::Method::POST);
+        assert_eq!(r.url().as_str(), "http://gpu:8000/v1/chat/completions");
+        assert_eq!(r.timeout(), Some(&Duration::from_secs(7)));
+        assert_eq!(r.headers()["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!(r.headers()["content-type"], "application/json");
+    }
+
+    #[test]
+    fn authorization_only_when_a_key_is_configured() {
+        let without = built_chat(&chat_request(8), None);
+        assert!(without.headers().get("authorization").is_none());
+        let with = built_chat(&chat_request(8), Some("sk-test"));
+        assert_eq!(with.headers()["authorization"], "Bearer sk-test");
+        // The key is a header, never part of the body.
+        assert!(!json_body(&with).to_string().contains("sk-test"));
+    }
+
+    #[test]
+    fn models_lookup_carries_the_key_only_when_configured() {
+        let http = reqwest::Client::new();
+        let r = models_http_request(&http, "http://gpu:8000", Duration::from_secs(3), None).build().unwrap();
+        assert_eq!(*r.method(), reqwest::Method::GET);
+        assert_eq!(r.url().as_str(), "http://gpu:8000/v1/models");
+        assert_eq!(r.timeout(), Some(&Duration::from_secs(3)));
+        assert!(r.headers().get("authorization").is_none());
+        let r = models_http_request(&http, "http://gpu:8000", Duration::from_secs(3), Some("sk-test"))
+            .build()
+            .unwrap();
+        assert_eq!(r.headers()["authorization"], "Bearer sk-test");
     }
 }
