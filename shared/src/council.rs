@@ -30,6 +30,10 @@ fn default_temperature() -> f32 {
 pub struct Council {
     pub role: String,
     pub agents: Vec<Agent>,
+    /// Proposals that must survive for a deliberation to succeed; a majority
+    /// of the agents deliberating when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<usize>,
 }
 
 impl Council {
@@ -41,6 +45,9 @@ impl Council {
         }
         if self.agents.is_empty() || self.agents.len() > MAX_COUNCIL_AGENTS {
             p.push(format!("`agents` must have 1..={MAX_COUNCIL_AGENTS} entries"));
+        }
+        if self.quorum.is_some_and(|k| k == 0 || k > self.agents.len()) {
+            p.push("`quorum` must be 1..=the number of agents".into());
         }
         for (i, a) in self.agents.iter().enumerate() {
             if a.persona.trim().is_empty() || a.persona.chars().count() > MAX_PERSONA_CHARS {
@@ -81,7 +88,17 @@ impl Council {
                     model: None,
                 })
                 .collect(),
+            quorum: None,
         })
+    }
+
+    /// Proposals that must survive among `n` deliberating agents (pure): the
+    /// council's quorum (never more than `n`), else a majority.
+    pub fn quorum_of(&self, n: usize) -> usize {
+        match self.quorum {
+            Some(k) => k.clamp(1, n.max(1)),
+            None => n / 2 + 1,
+        }
     }
 
     /// The agents taking part in a deliberation of `n` agents: the council's
@@ -110,10 +127,25 @@ mod tests {
         let c = Council {
             role: "bad role".into(),
             agents: vec![Agent { persona: "".into(), temperature: 5.0, model: Some(String::new()) }],
+            quorum: Some(2),
         };
-        assert_eq!(c.problems().len(), 4);
-        let none = Council { role: "X".into(), agents: vec![] };
+        assert_eq!(c.problems().len(), 5);
+        let none = Council { role: "X".into(), agents: vec![], quorum: None };
         assert_eq!(none.problems().len(), 1);
+        let zero = Council { quorum: Some(0), ..Council::default_for("QA").unwrap() };
+        assert_eq!(zero.problems(), ["`quorum` must be 1..=the number of agents"]);
+    }
+
+    #[test]
+    fn quorum_is_a_majority_unless_the_council_says() {
+        let mut c = Council::default_for("DEV").unwrap();
+        assert_eq!([1, 3, 4, 9].map(|n| c.quorum_of(n)), [1, 2, 3, 5]);
+        c.quorum = Some(1);
+        assert_eq!(c.quorum_of(3), 1);
+        c.quorum = Some(3);
+        assert_eq!(c.quorum_of(3), 3);
+        // Fewer agents asked for than the quorum: all of them must survive.
+        assert_eq!(c.quorum_of(2), 2);
     }
 
     #[test]

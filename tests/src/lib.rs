@@ -231,6 +231,19 @@ pub async fn recorded_total(scheduler_url: &str) -> Option<u64> {
     Some(total as u64)
 }
 
+/// `flotactl ARGS` against this prefix's fleet (its environment, no stdin):
+/// exit code, stdout, stderr. Bounded by PATIENCE.
+pub async fn flotactl(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
+    let run = tokio::process::Command::new(procs::binary("flotactl"))
+        .args(args)
+        .envs(env.env())
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(PATIENCE, run).await.expect("flotactl finishes").expect("flotactl built");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
 /// Wait until a scheduler has recorded at least `at_least` results, failing
 /// the test the moment it records more than `at_most` (bounded by PATIENCE).
 pub async fn wait_recorded(scheduler_url: &str, at_least: u64, at_most: u64) {

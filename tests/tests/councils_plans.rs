@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use flota_shared::envelope::{DeliberateOutput, Status};
-use flota_tests::{TestEnv, procs};
+use flota_shared::envelope::{DeliberateOutput, ErrorCode, Status};
+use flota_tests::{TestEnv, eventually, flotactl, procs};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -89,7 +89,149 @@ async fn deliberations_survive_failing_agents_up_to_a_quorum() {
     assert_eq!(r.id, "q-2");
     assert_eq!(r.status, Status::Failed);
     let e = r.error.unwrap();
-    assert!(e.message.contains("quorum not reached"), "{}", e.message);
+    // The agents' calls failed on the GPU (HTTP 500): that is the code; the
+    // message says the quorum was not reached.
+    assert_eq!(e.code, ErrorCode::GpuUnavailable, "{e:?}");
+    assert!(e.message.contains("quorum not reached: 1 of 3 proposals survived, 2 needed"), "{}", e.message);
+    env.cleanup().await;
+}
+
+/// A council with three agents, written to a file.
+fn council_file(dir: &std::path::Path, quorum: Option<u32>) -> String {
+    let mut council = json!({"agents": [
+        {"persona": "You are LEGAL-1, a contracts lawyer.", "temperature": 0.2},
+        {"persona": "You are LEGAL-2, a privacy officer.", "temperature": 0.4},
+        {"persona": "You are LEGAL-3, a compliance auditor.", "temperature": 0.6}
+    ]});
+    if let Some(k) = quorum {
+        council["quorum"] = json!(k);
+    }
+    let path = dir.join(format!("legal-{}.json", quorum.unwrap_or(0)));
+    std::fs::write(&path, council.to_string()).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// `flotactl councils list|show|set|delete` against Redis, a council's own
+/// `quorum` deciding how many proposals must survive, and a worker restarted
+/// in between using what was stored while it was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flotactl_manages_councils_with_their_quorum_across_a_worker_restart() {
+    let env = TestEnv::new("ctl-councils").await;
+    let dir = std::env::temp_dir().join(format!("flota-{}", env.prefix));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let (code, out, err) = flotactl(&env, &["councils", "list"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    for role in ["DEV", "QA", "ARCHITECT", "DEVOPS", "DATA"] {
+        assert!(out.lines().any(|l| l.starts_with(role) && l.ends_with("3 agents")), "{role} listed: {out}");
+    }
+    // Every agent must survive.
+    let (code, out, err) = flotactl(&env, &["councils", "set", "LEGAL", &council_file(&dir, Some(3))]).await;
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("council LEGAL set with 3 agents"), "{out}");
+    let (code, out, _) = flotactl(&env, &["councils", "show", "LEGAL"]).await;
+    assert_eq!(code, Some(0));
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (shown["quorum"].clone(), shown["agents"].as_array().unwrap().len()),
+        (json!(3), 3),
+        "{shown}"
+    );
+    // A quorum the council cannot reach is refused, with the problem named, and nothing changes.
+    let (code, _, err) = flotactl(&env, &["councils", "set", "LEGAL", &council_file(&dir, Some(4))]).await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("`quorum` must be 1..=the number of agents"), "{err}");
+    let (_, out, _) = flotactl(&env, &["councils", "show", "LEGAL"]).await;
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["quorum"], 3);
+
+    let settings = [("FLOTA_GPU_RETRIES", "0"), ("FLOTA_MAX_ATTEMPTS", "1")];
+    let gpu = procs::gpusim(&["--fail-user", "LEGAL-2", "--fail-user", "LEGAL-3"]).await;
+    let worker = procs::worker(&env.env(), &gpu.url(), &settings).await;
+    let mut tap = env.tap_results().await;
+    let legal = |id: &str| json!({"id": id, "kind": "deliberate", "input": {"role": "LEGAL", "task": "Review the data-sharing clause"}});
+    env.publish_task(&legal("legal-all")).await;
+    let r = tap.next().await.unwrap();
+    assert_eq!((r.id.as_str(), r.status), ("legal-all", Status::Failed));
+    let e = r.error.unwrap();
+    assert!(e.message.contains("quorum not reached: 1 of 3 proposals survived, 3 needed"), "{}", e.message);
+
+    // While the worker is down, one surviving proposal is made enough.
+    assert_eq!(worker.terminate().await, Some(0));
+    let (code, out, err) = flotactl(&env, &["councils", "set", "LEGAL", &council_file(&dir, Some(1))]).await;
+    assert_eq!(code, Some(0), "{out} {err}");
+    let _worker = procs::worker(&env.env(), &gpu.url(), &settings).await;
+    env.publish_task(&legal("legal-one")).await;
+    let r = tap.next().await.unwrap();
+    assert_eq!((r.id.as_str(), r.status), ("legal-one", Status::Succeeded), "{:?}", r.error);
+    let out: DeliberateOutput = serde_json::from_value(r.output.unwrap()).unwrap();
+    assert_eq!((out.agents_failed, out.proposals.len()), (2, 1));
+    assert_eq!(out.winner, "LEGAL-1");
+
+    let (code, _, _) = flotactl(&env, &["councils", "delete", "LEGAL"]).await;
+    assert_eq!(code, Some(0));
+    let (code, _, err) = flotactl(&env, &["councils", "show", "LEGAL"]).await;
+    assert_eq!(code, Some(3), "{err}");
+    let (code, _, err) = flotactl(&env, &["councils", "delete", "LEGAL"]).await;
+    assert_eq!(code, Some(3), "nothing left to delete: {err}");
+    // A default role can be replaced, and deleting it brings back its built-in council.
+    let persona = |out: &str| serde_json::from_str::<Value>(out).unwrap()["agents"][0]["persona"].clone();
+    let (code, _, _) = flotactl(&env, &["councils", "set", "QA", &council_file(&dir, None)]).await;
+    assert_eq!(code, Some(0));
+    let (_, out, _) = flotactl(&env, &["councils", "show", "QA"]).await;
+    assert_eq!(persona(&out), "You are LEGAL-1, a contracts lawyer.");
+    let (code, _, _) = flotactl(&env, &["councils", "delete", "QA"]).await;
+    assert_eq!(code, Some(0));
+    let (_, out, _) = flotactl(&env, &["councils", "show", "QA"]).await;
+    assert!(persona(&out).as_str().unwrap().starts_with("You are QA-1"), "{out}");
+    let _ = std::fs::remove_dir_all(dir);
+    env.cleanup().await;
+}
+
+/// `POST /v1/plans` while no worker runs: `GET /v1/plans/{id}` shows every
+/// role queued and no winner; once a worker runs them, each role succeeded with
+/// the winner and score of its own deliberation's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plans_status_shows_each_roles_progress_and_winner() {
+    let env = TestEnv::new("plan-view").await;
+    let scheduler = procs::scheduler(&env.env(), &[]).await;
+    let api = scheduler.url();
+    let http = reqwest::Client::new();
+    let plan = json!({"plan_id": "p-9", "story_id": "s-9", "roles": ["DEVOPS", "DATA"], "task": "Move the nightly export to the new cluster", "constraints": []});
+    let r = http.post(format!("{api}/v1/plans")).json(&plan).send().await.unwrap();
+    assert_eq!(r.status(), 202, "{:?}", r.text().await);
+    let view: Value = http.get(format!("{api}/v1/plans/p-9")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(view["status"], "running", "{view}");
+    for role in ["DEVOPS", "DATA"] {
+        assert_eq!(view["roles"][role]["status"], "queued", "{view}");
+        assert_eq!(view["roles"][role]["winner"], Value::Null, "{view}");
+    }
+    assert_eq!(http.get(format!("{api}/v1/plans/p-unknown")).send().await.unwrap().status(), 404);
+
+    let gpu = procs::gpusim(&[]).await;
+    let _w = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let plan_url = format!("{api}/v1/plans/p-9");
+    eventually("the plan completes", || async {
+        let v: Value = reqwest::get(&plan_url).await.unwrap().json().await.unwrap();
+        v["status"] == "completed"
+    })
+    .await;
+    let view: Value = http.get(&plan_url).send().await.unwrap().json().await.unwrap();
+    for role in ["DEVOPS", "DATA"] {
+        let entry = &view["roles"][role];
+        assert_eq!(entry["status"], "succeeded", "{view}");
+        let task: Value = http
+            .get(format!("{api}/v1/tasks/{}", entry["task_id"].as_str().unwrap()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let out: DeliberateOutput = serde_json::from_value(task["result"]["output"].clone()).unwrap();
+        assert_eq!(entry["winner"], out.winner.as_str(), "{view}");
+        assert!(out.winner.starts_with(role));
+        assert_eq!(entry["score"].as_f64(), Some(out.proposals[0].score), "{view}");
+    }
     env.cleanup().await;
 }
 

@@ -5,7 +5,6 @@
 //! wait is bounded by `PATIENCE`, never a speed claim.
 
 use std::collections::{HashMap, HashSet};
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,7 +16,7 @@ use serde_json::{Value, json};
 use flota_shared::amqp::{self, HEADER_ATTEMPT, HEADER_ERROR, HEADER_SOURCE_QUEUE};
 use flota_shared::envelope::{ErrorCode, Kind, Status};
 use flota_tests::proxy::FaultProxy;
-use flota_tests::{PATIENCE, TestEnv, eventually, metric_sample, procs, wait_recorded};
+use flota_tests::{PATIENCE, TestEnv, eventually, flotactl, metric_sample, procs, wait_recorded};
 
 /// The model gpusim serves by default (set so no `/v1/models` lookup is needed).
 const GPUSIM_MODEL: &str = "flota-sim-1";
@@ -68,18 +67,6 @@ async fn failing_fleet(env: &TestEnv, max_attempts: u32) -> (procs::Proc, procs:
     ];
     let worker = procs::worker(&env.env(), &gpu.url(), &settings).await;
     (gpu, scheduler, worker)
-}
-
-/// `flotactl ARGS` against this prefix: exit code, stdout, stderr.
-async fn flotactl(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
-    let run = tokio::process::Command::new(procs::binary("flotactl"))
-        .args(args)
-        .envs(env.env())
-        .stdin(Stdio::null())
-        .output();
-    let out = tokio::time::timeout(PATIENCE, run).await.expect("flotactl finishes").expect("flotactl built");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
 /// `GET /v1/tasks/{id}`, `None` while unknown or unreachable.

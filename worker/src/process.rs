@@ -453,7 +453,7 @@ async fn execute(tctx: &TaskCtx, task: &TaskEnvelope, inject_panic: bool) -> han
                     }
                 };
                 let seats: Vec<_> = council.seats(input.agents as usize).into_iter().cloned().collect();
-                handlers::deliberate::run(tctx, input, &seats).await
+                handlers::deliberate::run(tctx, input, &seats, council.quorum_of(seats.len())).await
             }
         }
     };

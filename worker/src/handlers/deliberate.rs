@@ -3,8 +3,8 @@
 //! all reviews concurrently; proposals are ranked by mean review score. So a
 //! deliberation costs about two GPU round trips, whatever N is.
 //!
-//! Agent failures are tolerated up to a quorum (a majority of proposals must
-//! survive), and every finished agent call is checkpointed under the task, so
+//! Agent failures are tolerated up to a quorum (the council's `quorum`
+//! proposals must survive, a majority by default), and every finished agent call is checkpointed under the task, so
 //! a redelivered deliberation resumes without repeating finished GPU calls.
 
 use futures::future::join_all;
@@ -47,11 +47,6 @@ pub fn parse_review(content: &str) -> Result<(f64, String), String> {
     Ok((r.score, r.comment))
 }
 
-/// Proposals that must survive for the deliberation to count: a majority.
-pub fn quorum(agents: usize) -> usize {
-    agents / 2 + 1
-}
-
 /// Mean review score (0 when nobody could review).
 pub fn mean_score(reviews: &[Review]) -> f64 {
     if reviews.is_empty() {
@@ -90,7 +85,8 @@ where
     Ok(done)
 }
 
-pub async fn run(ctx: &TaskCtx, input: &DeliberateInput, seats: &[Agent]) -> HandlerResult {
+/// `quorum`: proposals that must survive (`Council::quorum_of`).
+pub async fn run(ctx: &TaskCtx, input: &DeliberateInput, seats: &[Agent], quorum: usize) -> HandlerResult {
     let n = seats.len();
     let names: Vec<String> = (0..n).map(|i| prompts::agent_name(&input.role, i)).collect();
 
@@ -133,7 +129,7 @@ pub async fn run(ctx: &TaskCtx, input: &DeliberateInput, seats: &[Agent]) -> Han
         }
     }
     let agents_failed = n - survivors.len();
-    if survivors.len() < quorum(n) {
+    if survivors.len() < quorum {
         let err = match last_error {
             Some(e) => TaskError::Gpu(e),
             None => {
@@ -143,7 +139,7 @@ pub async fn run(ctx: &TaskCtx, input: &DeliberateInput, seats: &[Agent]) -> Han
         return Err(err.with_context(format!(
             "quorum not reached: {} of {n} proposals survived, {} needed",
             survivors.len(),
-            quorum(n)
+            quorum
         )));
     }
 
@@ -231,14 +227,6 @@ mod tests {
         let ranked = rank(vec![(0, p("A", 7.0)), (1, p("B", 9.0)), (2, p("C", 9.0))]);
         let order: Vec<_> = ranked.iter().map(|p| p.agent.as_str()).collect();
         assert_eq!(order, ["B", "C", "A"]);
-    }
-
-    #[test]
-    fn quorum_is_a_majority() {
-        assert_eq!(quorum(1), 1);
-        assert_eq!(quorum(3), 2);
-        assert_eq!(quorum(4), 3);
-        assert_eq!(quorum(9), 5);
     }
 
     #[test]
