@@ -98,6 +98,8 @@ pub fn call_verdict(result: &Result<(), &GpuError>, elapsed: Duration) -> CallVe
         Err(GpuError::Transient { .. }) => CallVerdict::Failure,
         Err(GpuError::Invalid { .. }) => CallVerdict::Ignored,
         Err(GpuError::BreakerOpen) => CallVerdict::Ignored,
+        // The server answered; the answer was too big (one task's problem).
+        Err(GpuError::Oversized { .. }) => CallVerdict::Ignored,
         // A call cut by the task's deadline after being in flight was a slow call.
         Err(GpuError::Deadline) if elapsed >= Duration::from_millis(100) => CallVerdict::Failure,
         Err(GpuError::Deadline) => CallVerdict::Ignored,

@@ -72,7 +72,9 @@ pub fn decide(err: &TaskError, attempt: u32, max_attempts: u32) -> Verdict {
             Verdict::Fail { code: ErrorCode::InvalidRequest, message }
         }
         TaskError::Gpu(GpuError::Deadline) => Verdict::Fail { code: ErrorCode::DeadlineExceeded, message },
-        TaskError::OutputInvalid(_) => Verdict::Fail { code: ErrorCode::OutputInvalid, message },
+        TaskError::OutputInvalid(_) | TaskError::Gpu(GpuError::Oversized { .. }) => {
+            Verdict::Fail { code: ErrorCode::OutputInvalid, message }
+        }
         TaskError::Failed { code, .. } => Verdict::Fail { code: *code, message },
         TaskError::Context { .. } => Verdict::Fail { code: ErrorCode::InvalidTask, message },
     }
@@ -134,6 +136,11 @@ mod tests {
         assert!(matches!(
             decide(&TaskError::Gpu(GpuError::Deadline), 0, 5),
             Verdict::Fail { code: ErrorCode::DeadlineExceeded, .. }
+        ));
+        // A runaway answer is the output's fault: failed at once, not retried.
+        assert!(matches!(
+            decide(&TaskError::Gpu(GpuError::Oversized { cap: 1 << 20 }), 0, 5),
+            Verdict::Fail { code: ErrorCode::OutputInvalid, .. }
         ));
     }
 

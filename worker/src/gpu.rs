@@ -122,6 +122,11 @@ pub enum GpuError {
     /// The circuit breaker is open: no call was made.
     #[error("GPU circuit breaker open")]
     BreakerOpen,
+    /// The server answered with more than [`MAX_RESPONSE_BYTES`]: one task's
+    /// output gone wrong (`max_tokens` should prevent it), not the server's
+    /// health, so it is neither retried nor counted by the breaker.
+    #[error("GPU response larger than the {cap}-byte cap")]
+    Oversized { cap: usize },
 }
 
 impl GpuError {
@@ -225,8 +230,9 @@ impl GpuClient {
         self.model
             .get_or_try_init(|| async {
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                // Past the deadline the lookup still goes out, with a zero timeout.
-                let timeout = call_timeout_within(remaining, self.call_timeout).unwrap_or_default();
+                let Some(timeout) = call_timeout_within(remaining, self.call_timeout) else {
+                    return Err(GpuError::Deadline);
+                };
                 let req = models_http_request(&self.http, &self.base, timeout, self.api_key.as_deref());
                 let resp = req.send().await.map_err(transport_error)?;
                 let status = resp.status().as_u16();
@@ -322,13 +328,19 @@ impl GpuClient {
         traceparent: &str,
         timeout: Duration,
     ) -> Result<Completion, GpuError> {
+        // The model first (a one-time lookup when none is configured): the
+        // slot's lease covers the chat call only.
+        let model = match &req.model {
+            Some(m) => m.clone(),
+            None => self.model(deadline).await?,
+        };
         // The fleet-wide cap: wait for a slot (bounded by the deadline) before calling.
         let _slot = match &self.admission {
             Some(a) => Some(a.acquire(deadline).await?),
             None => None,
         };
         let started = Instant::now();
-        let result = self.chat_once_inner(req, deadline, traceparent, timeout).await;
+        let result = self.chat_once_inner(req, &model, deadline, traceparent, timeout).await;
         let elapsed = started.elapsed();
         self.breaker.record(call_verdict(&result.as_ref().map(|_| ()), elapsed));
         self.observer.on_call(call_outcome(&result), elapsed);
@@ -338,6 +350,7 @@ impl GpuClient {
     async fn chat_once_inner(
         &self,
         req: &ChatRequest,
+        model: &str,
         deadline: Instant,
         traceparent: &str,
         call_timeout: Duration,
@@ -346,11 +359,7 @@ impl GpuClient {
         let Some(timeout) = call_timeout_within(remaining, call_timeout) else {
             return Err(GpuError::Deadline);
         };
-        let model = match &req.model {
-            Some(m) => m.clone(),
-            None => self.model(deadline).await?,
-        };
-        let body = wire_request(req, &model);
+        let body = wire_request(req, model);
         let http =
             chat_http_request(&self.http, &self.base, &body, timeout, traceparent, self.api_key.as_deref());
         let resp = http.send().await.map_err(|e| {
@@ -358,7 +367,12 @@ impl GpuClient {
         })?;
         let status = resp.status().as_u16();
         let retry_after = parse_retry_after(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()));
-        let bytes = read_capped(resp).await?;
+        let bytes = match read_capped(resp).await {
+            Ok(b) => b,
+            // An error answer is judged by its status; its body only adds detail.
+            Err(GpuError::Oversized { .. }) if classify(status) != StatusClass::Ok => Vec::new(),
+            Err(e) => return Err(e),
+        };
         if classify(status) != StatusClass::Ok {
             return Err(status_error(status, &bytes, retry_after));
         }
@@ -478,11 +492,7 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, GpuError> {
 /// past [`MAX_RESPONSE_BYTES`]; the error names the cap, never the body.
 fn append_capped(buf: &mut Vec<u8>, chunk: &[u8]) -> Result<(), GpuError> {
     if buf.len() + chunk.len() > MAX_RESPONSE_BYTES {
-        return Err(GpuError::Transient {
-            message: "GPU response larger than the cap".into(),
-            retry_after: None,
-            timed_out: false,
-        });
+        return Err(GpuError::Oversized { cap: MAX_RESPONSE_BYTES });
     }
     buf.extend_from_slice(chunk);
     Ok(())
@@ -497,6 +507,7 @@ fn call_outcome<T>(result: &Result<T, GpuError>) -> &'static str {
         Err(GpuError::Invalid { .. }) => "refused",
         Err(GpuError::Deadline) => "deadline",
         Err(GpuError::BreakerOpen) => "rejected",
+        Err(GpuError::Oversized { .. }) => "oversized",
     }
 }
 
@@ -608,25 +619,18 @@ mod tests {
     }
 
     #[test]
-    fn body_over_the_cap_is_refused_as_transient_without_echoing_it() {
+    fn body_over_the_cap_is_refused_final_without_echoing_it() {
         let mut buf = vec![b'a'; MAX_RESPONSE_BYTES];
         let secret = b"SECRET-PROMPT-TEXT";
         let err = append_capped(&mut buf, secret).unwrap_err();
-        // The code classifies an oversized answer as transient: retried, and a breaker failure.
-        assert!(err.is_retryable(), "{err:?}");
+        // One task's runaway answer: not retried, and no breaker failure for the fleet.
+        assert!(!err.is_retryable(), "{err:?}");
         assert_eq!(
             crate::breaker::call_verdict(&Err(&err), Duration::ZERO),
-            crate::breaker::CallVerdict::Failure
+            crate::breaker::CallVerdict::Ignored
         );
-        assert_eq!(call_outcome::<()>(&Err(err.clone())), "unavailable");
-        match &err {
-            GpuError::Transient { message, retry_after, timed_out } => {
-                assert_eq!(message, "GPU response larger than the cap");
-                assert_eq!(*retry_after, None);
-                assert!(!timed_out);
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(call_outcome::<()>(&Err(err.clone())), "oversized");
+        assert!(matches!(err, GpuError::Oversized { cap: MAX_RESPONSE_BYTES }), "{err:?}");
         assert!(!err.to_string().contains("SECRET"), "{err}");
         // The refused chunk is not buffered.
         assert_eq!(buf.len(), MAX_RESPONSE_BYTES);
