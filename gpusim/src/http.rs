@@ -78,6 +78,7 @@ async fn chat(
 ) -> Response {
     let _in_flight = sim.stats.enter();
     let mut log = RequestLog {
+        arrived_at: unix_millis(),
         at: 0,
         user: None,
         kind: None,

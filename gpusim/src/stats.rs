@@ -33,6 +33,8 @@ pub enum Event {
 /// One line of `/debug/requests`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestLog {
+    /// Unix time in milliseconds when the request arrived.
+    pub arrived_at: u64,
     /// Unix time in milliseconds when the answer was decided.
     pub at: u64,
     pub user: Option<String>,
@@ -305,6 +307,7 @@ mod tests {
         let s = Stats::new();
         for i in 0..(LOG_CAPACITY + 5) {
             s.record(RequestLog {
+                arrived_at: i as u64,
                 at: i as u64,
                 user: None,
                 kind: None,
