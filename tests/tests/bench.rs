@@ -31,3 +31,47 @@ fn every_scenario_runs_and_writes_json() {
     assert_eq!(bench("scale", "40", &[]).as_array().unwrap().len(), 3);
     assert!(bench("producers", "100", &[])[0]["submit_p99_ms"].is_number());
 }
+
+/// `--api`: the bench measures a fleet it did not start, under the caller's
+/// prefix, finding the worker through its heartbeat (its RSS is reported),
+/// and leaves the fleet running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_measures_a_running_fleet() {
+    let env = flota_tests::TestEnv::new("bench-attach").await;
+    let gpu = procs::gpusim(&[]).await;
+    let scheduler = procs::scheduler(&env.env(), &[]).await;
+    let _worker = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let api = scheduler.url();
+    flota_tests::eventually("the worker's heartbeat is visible", || async {
+        let list: serde_json::Value =
+            reqwest::get(format!("{api}/v1/workers")).await.unwrap().json().await.unwrap();
+        list.as_array().is_some_and(|l| !l.is_empty())
+    })
+    .await;
+    let out = std::env::temp_dir().join(format!("flota-bench-attach-{}.json", env.prefix));
+    let pid = scheduler.pid().to_string();
+    let run = tokio::process::Command::new(procs::binary("flotactl"))
+        .args(["bench", "--scenario", "overhead", "--n", "60", "--api", &api, "--gpu", &gpu.url()])
+        .args(["--scheduler-pid", &pid, "--json"])
+        .arg(&out)
+        .envs(env.env())
+        .status();
+    let status =
+        tokio::time::timeout(flota_tests::PATIENCE, run).await.expect("bench ends").expect("flotactl");
+    assert!(status.success(), "bench --api failed");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).expect("bench JSON");
+    let _ = std::fs::remove_file(&out);
+    let f = &v[0];
+    assert_eq!(f["tasks"], 60, "{f}");
+    assert_eq!(f["workers"], 1, "{f}");
+    assert_eq!(f["worker_peak_rss_mb"].as_array().map(Vec::len), Some(1), "the local worker was found: {f}");
+    assert!(f["tasks_per_s"].is_number() && f["cpu_s_per_1000"].is_number(), "{f}");
+    // The fleet is still there and still working: the bench stopped nothing.
+    let mut tap = env.tap_results().await;
+    env.publish_task(
+        &serde_json::json!({"id": "after-bench", "kind": "interpret", "input": {"message": "hola"}}),
+    )
+    .await;
+    assert_eq!(tap.next().await.expect("a result").id, "after-bench");
+    env.cleanup().await;
+}

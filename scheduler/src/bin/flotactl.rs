@@ -82,6 +82,16 @@ enum Command {
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
+        /// Measure the fleet already running under FLOTA_PREFIX, through its
+        /// scheduler's API at this URL, instead of starting one.
+        #[arg(long, value_name = "URL")]
+        api: Option<String>,
+        /// With --api: the GPU server's URL, for utilisation from gpusim's /stats.
+        #[arg(long, value_name = "URL", requires = "api")]
+        gpu: Option<String>,
+        /// With --api: the scheduler's pid on this host, to count its CPU.
+        #[arg(long, requires = "api")]
+        scheduler_pid: Option<u32>,
     },
 }
 
@@ -328,8 +338,9 @@ async fn run(cli: Cli, config: config::Config) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(e),
             }
         }
-        Command::Bench { scenario, n, concurrency, workers, ceiling, json } => {
-            let opts = bench::Options { scenario, n, concurrency, workers, ceiling, json };
+        Command::Bench { scenario, n, concurrency, workers, ceiling, json, api, gpu, scheduler_pid } => {
+            let attach = api.map(|api| bench::Attach { api, gpu, scheduler_pid });
+            let opts = bench::Options { scenario, n, concurrency, workers, ceiling, json, attach };
             tokio::select! {
                 r = bench::run(&config, opts) => { r?; Ok(ExitCode::SUCCESS) }
                 _ = tokio::signal::ctrl_c() => Ok(ExitCode::from(130)),

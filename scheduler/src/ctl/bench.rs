@@ -37,6 +37,30 @@ pub struct Options {
     pub workers: usize,
     pub ceiling: bool,
     pub json: Option<std::path::PathBuf>,
+    /// Measure a fleet that is already running (its scheduler's API) instead of starting one.
+    pub attach: Option<Attach>,
+}
+
+/// A running fleet to measure: the prefix is the caller's `FLOTA_PREFIX`.
+#[derive(Debug, Clone)]
+pub struct Attach {
+    pub api: String,
+    /// gpusim's URL, for GPU utilisation (`/stats`); a real vLLM has none.
+    pub gpu: Option<String>,
+    /// The scheduler's pid, when it runs on this host, for its CPU.
+    pub scheduler_pid: Option<u32>,
+}
+
+/// The fleet a workload runs against, started by the bench or found running.
+struct Target {
+    cfg: Config,
+    api: String,
+    gpu: Option<String>,
+    /// Worker pids readable here (their CPU and RSS are measured).
+    worker_pids: Vec<u32>,
+    scheduler_pid: Option<u32>,
+    /// Task ids start with this, so a running fleet's other work is told apart.
+    run: String,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -91,13 +115,24 @@ pub fn peak_rss_mb(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn task(i: usize, prefix: &str, deliberate: bool) -> TaskEnvelope {
+fn task(i: usize, run: &str, phase: &str, deliberate: bool) -> TaskEnvelope {
+    let prefix = format!("{run}-{phase}");
     let v = if deliberate {
         json!({"id": format!("{prefix}:{i}"), "kind": "deliberate", "input": {"role": "DEV", "task": format!("Plan change {i} to the billing export"), "agents": 3}})
     } else {
         json!({"id": format!("{prefix}:{i}"), "kind": "interpret", "input": {"message": format!("Abrí un trabajo para cambiar la bomba del pozo {i}")}})
     };
     flota_shared::envelope::validate_value(v).expect("bench tasks are valid")
+}
+
+/// The pids of the heartbeats (`GET /v1/workers`) that say they run on this
+/// host, whose CPU and RSS can be read here (pure).
+pub fn local_pids(workers: &[Value], host: &str) -> Vec<u32> {
+    workers
+        .iter()
+        .filter(|w| w["host"].as_str() == Some(host))
+        .filter_map(|w| w["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
+        .collect()
 }
 
 async fn recorded(http: &reqwest::Client, api: &str) -> f64 {
@@ -109,7 +144,7 @@ async fn recorded(http: &reqwest::Client, api: &str) -> f64 {
         .sum()
 }
 
-/// One measured run of a fleet of `workers`.
+/// One measured run of a fleet of `workers`, started for it and stopped after.
 async fn measure(
     config: &Config,
     scenario: Scenario,
@@ -123,91 +158,162 @@ async fn measure(
     fleet_opts.worker_env = vec![("FLOTA_CONCURRENCY".into(), concurrency.to_string())];
     let cfg = fleet_opts.config.clone();
     let fleet = Fleet::start(fleet_opts).await?;
-    let outcome = async {
-        let http = reqwest::Client::new();
-        let api = fleet.api_url();
-        let deliberate = scenario == Scenario::Deliberation;
-        let (_conn, mut results) = tap(&cfg, &prefix).await?;
-        // Warm-up, not measured.
-        let warm = (n / 10).clamp(10, 500);
-        let warm_tasks: Vec<_> = (0..warm).map(|i| task(i, "warm", deliberate)).collect();
-        submit::publish_all(&cfg, &warm_tasks, || {}).await?;
-        let mut seen = 0;
-        while seen < warm {
-            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(120), results.next()).await {
-                seen += 1
-            } else {
-                anyhow::bail!("warm-up stalled")
-            }
-        }
-        while recorded(&http, &api).await < warm as f64 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = http.post(format!("{}/admin/reset", fleet.gpu_url())).send().await;
-        let pids: Vec<u32> = fleet.worker_pids().into_iter().chain([fleet.scheduler().pid()]).collect();
-        let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-
-        let tasks: Vec<_> = (0..n).map(|i| task(i, "m", deliberate)).collect();
-        let started = Instant::now();
-        let mut submitted: HashMap<String, Instant> = HashMap::new();
-        let mut submit_ms = Vec::new();
-        if scenario == Scenario::Producers {
-            submit_ms = producers(&cfg, &api, &tasks).await?;
-        } else {
-            let publish = submit::publish_all(&cfg, &tasks, || {});
-            let now = Instant::now();
-            for t in &tasks {
-                submitted.insert(t.id.clone(), now);
-            }
-            publish.await?;
-        }
-        let mut latencies = Vec::with_capacity(n);
-        let mut got = std::collections::HashSet::new();
-        while got.len() < n {
-            match tokio::time::timeout(Duration::from_secs(300), results.next()).await {
-                Ok(Some(Ok(d))) => {
-                    let Ok(v) = serde_json::from_slice::<Value>(&d.data) else { continue };
-                    let id = v["id"].as_str().unwrap_or("").to_string();
-                    if id.starts_with("warm:") || !got.insert(id.clone()) {
-                        continue;
-                    }
-                    let from = submitted.get(&id).copied().unwrap_or(started);
-                    latencies.push(from.elapsed().as_secs_f64() * 1000.0);
-                }
-                _ => anyhow::bail!("stalled after {} of {n} results", got.len()),
-            }
-        }
-        while recorded(&http, &api).await < (warm + n) as f64 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
-        let stats: Value = http.get(format!("{}/stats", fleet.gpu_url())).send().await?.json().await?;
-        latencies.sort_by(f64::total_cmp);
-        submit_ms.sort_by(f64::total_cmp);
-        anyhow::Ok(Figures {
-            scenario: format!("{scenario:?}"),
-            workers,
-            concurrency,
-            tasks: n,
-            seconds,
-            tasks_per_s: n as f64 / seconds,
-            p50_ms: percentile(&latencies, 50.0),
-            p90_ms: percentile(&latencies, 90.0),
-            p99_ms: percentile(&latencies, 99.0),
-            gpu_utilisation: stats["utilisation"].as_f64().unwrap_or(0.0),
-            gpu_peak_in_flight: stats["peak_in_flight"].as_i64().unwrap_or(0),
-            cpu_s_per_1000: cpu / n as f64 * 1000.0,
-            worker_peak_rss_mb: fleet.worker_pids().into_iter().map(peak_rss_mb).collect(),
-            submit_p50_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 50.0)),
-            submit_p99_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 99.0)),
-            ..Default::default()
-        })
-    }
-    .await;
+    let target = Target {
+        cfg: cfg.clone(),
+        api: fleet.api_url(),
+        gpu: Some(fleet.gpu_url()),
+        worker_pids: fleet.worker_pids(),
+        scheduler_pid: Some(fleet.scheduler().pid()),
+        run: "b".into(),
+    };
+    let outcome = workload(&target, scenario, workers, concurrency, n).await;
     let _ = fleet.stop().await;
     let _ = crate::fleet::cleanup_prefix(&cfg).await;
     outcome
+}
+
+/// One measured run against a fleet that is already running (`--api`): the
+/// same workload under the caller's prefix, with ids of its own; CPU and RSS
+/// of the workers whose heartbeats say they run on this host.
+async fn measure_running(
+    config: &Config,
+    attach: &Attach,
+    scenario: Scenario,
+    n: usize,
+) -> anyhow::Result<Figures> {
+    let http = reqwest::Client::new();
+    let api = attach.api.trim_end_matches('/').to_string();
+    let workers: Vec<Value> =
+        http.get(format!("{api}/v1/workers")).send().await?.error_for_status()?.json().await?;
+    anyhow::ensure!(
+        !workers.is_empty(),
+        "no live worker under prefix {}: start the fleet first",
+        config.prefix
+    );
+    // The name the workers put in their heartbeats (worker/src/heartbeat.rs).
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let worker_pids: Vec<u32> = local_pids(&workers, host.trim())
+        .into_iter()
+        .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    // The running fleet's own setting, as its heartbeats report it.
+    let concurrency = workers.iter().filter_map(|w| w["concurrency"].as_u64()).max().unwrap_or(0) as u16;
+    let target = Target {
+        cfg: config.clone(),
+        api,
+        gpu: attach.gpu.clone(),
+        worker_pids,
+        scheduler_pid: attach.scheduler_pid,
+        run: format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+    };
+    workload(&target, scenario, workers.len(), concurrency, n).await
+}
+
+/// Warm up, then submit `n` tasks and wait for every result to be recorded by
+/// the scheduler; what that took, from the fleet's own processes.
+async fn workload(
+    target: &Target,
+    scenario: Scenario,
+    workers: usize,
+    concurrency: u16,
+    n: usize,
+) -> anyhow::Result<Figures> {
+    let cfg = &target.cfg;
+    let http = reqwest::Client::new();
+    let api = target.api.clone();
+    let deliberate = scenario == Scenario::Deliberation;
+    let (_conn, mut results) = tap(cfg, &cfg.prefix).await?;
+    let mine = |id: &str, phase: &str| id.starts_with(&format!("{}-{phase}:", target.run));
+    // What the scheduler had recorded before (a running fleet has a history).
+    let recorded_before = recorded(&http, &api).await;
+    // Warm-up, not measured.
+    let warm = (n / 10).clamp(10, 500);
+    let warm_tasks: Vec<_> = (0..warm).map(|i| task(i, &target.run, "warm", deliberate)).collect();
+    submit::publish_all(cfg, &warm_tasks, || {}).await?;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < warm {
+        match tokio::time::timeout(Duration::from_secs(120), results.next()).await {
+            Ok(Some(Ok(d))) => {
+                let Ok(v) = serde_json::from_slice::<Value>(&d.data) else { continue };
+                let id = v["id"].as_str().unwrap_or("");
+                if mine(id, "warm") {
+                    seen.insert(id.to_string());
+                }
+            }
+            _ => anyhow::bail!("warm-up stalled"),
+        }
+    }
+    while recorded(&http, &api).await < recorded_before + warm as f64 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(gpu) = &target.gpu {
+        let _ = http.post(format!("{gpu}/admin/reset")).send().await;
+    }
+    let pids: Vec<u32> = target.worker_pids.iter().copied().chain(target.scheduler_pid).collect();
+    let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+
+    let tasks: Vec<_> = (0..n).map(|i| task(i, &target.run, "m", deliberate)).collect();
+    let started = Instant::now();
+    let mut submitted: HashMap<String, Instant> = HashMap::new();
+    let mut submit_ms = Vec::new();
+    if scenario == Scenario::Producers {
+        submit_ms = producers(cfg, &api, &tasks).await?;
+    } else {
+        let publish = submit::publish_all(cfg, &tasks, || {});
+        let now = Instant::now();
+        for t in &tasks {
+            submitted.insert(t.id.clone(), now);
+        }
+        publish.await?;
+    }
+    let mut latencies = Vec::with_capacity(n);
+    let mut got = std::collections::HashSet::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(300), results.next()).await {
+            Ok(Some(Ok(d))) => {
+                let Ok(v) = serde_json::from_slice::<Value>(&d.data) else { continue };
+                let id = v["id"].as_str().unwrap_or("").to_string();
+                if !mine(&id, "m") || !got.insert(id.clone()) {
+                    continue;
+                }
+                let from = submitted.get(&id).copied().unwrap_or(started);
+                latencies.push(from.elapsed().as_secs_f64() * 1000.0);
+            }
+            _ => anyhow::bail!("stalled after {} of {n} results", got.len()),
+        }
+    }
+    while recorded(&http, &api).await < recorded_before + (warm + n) as f64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+    let stats: Value = match &target.gpu {
+        Some(gpu) => match http.get(format!("{gpu}/stats")).send().await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => Value::Null,
+        },
+        None => Value::Null,
+    };
+    latencies.sort_by(f64::total_cmp);
+    submit_ms.sort_by(f64::total_cmp);
+    Ok(Figures {
+        scenario: format!("{scenario:?}"),
+        workers,
+        concurrency,
+        tasks: n,
+        seconds,
+        tasks_per_s: n as f64 / seconds,
+        p50_ms: percentile(&latencies, 50.0),
+        p90_ms: percentile(&latencies, 90.0),
+        p99_ms: percentile(&latencies, 99.0),
+        gpu_utilisation: stats["utilisation"].as_f64().unwrap_or(0.0),
+        gpu_peak_in_flight: stats["peak_in_flight"].as_i64().unwrap_or(0),
+        cpu_s_per_1000: cpu / n as f64 * 1000.0,
+        worker_peak_rss_mb: target.worker_pids.iter().copied().map(peak_rss_mb).collect(),
+        submit_p50_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 50.0)),
+        submit_p99_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 99.0)),
+        ..Default::default()
+    })
 }
 
 /// 50 producers at once: half through the API, half straight to RabbitMQ; submit latencies in ms.
@@ -246,6 +352,18 @@ async fn producers(cfg: &Config, api: &str, tasks: &[TaskEnvelope]) -> anyhow::R
 }
 
 pub async fn run(config: &Config, opts: Options) -> anyhow::Result<Vec<Figures>> {
+    if let Some(attach) = &opts.attach {
+        anyhow::ensure!(
+            !opts.ceiling && opts.scenario != Scenario::Scale,
+            "--api measures the running fleet as it is: no --ceiling, no scale scenario"
+        );
+        eprintln!(
+            "bench {:?}: {} tasks against the running fleet at {} …",
+            opts.scenario, opts.n, attach.api
+        );
+        let all = vec![measure_running(config, attach, opts.scenario, opts.n).await?];
+        return report(&all, opts.json.as_deref());
+    }
     let worker_counts = if opts.scenario == Scenario::Scale { vec![1, 2, 4] } else { vec![opts.workers] };
     let mut all = Vec::new();
     for w in worker_counts {
@@ -270,12 +388,16 @@ pub async fn run(config: &Config, opts: Options) -> anyhow::Result<Vec<Figures>>
         }
         all.push(f);
     }
-    print(&all);
-    if let Some(path) = &opts.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&all)?)?;
+    report(&all, opts.json.as_deref())
+}
+
+fn report(all: &[Figures], json: Option<&std::path::Path>) -> anyhow::Result<Vec<Figures>> {
+    print(all);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(all)?)?;
         eprintln!("figures written to {}", path.display());
     }
-    Ok(all)
+    Ok(all.to_vec())
 }
 
 fn print(all: &[Figures]) {
@@ -317,4 +439,21 @@ fn print(all: &[Figures]) {
         ],
         &rows,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_workers_on_this_host_are_measured() {
+        let workers = vec![
+            json!({"host": "here", "pid": 41}),
+            json!({"host": "elsewhere", "pid": 42}),
+            json!({"host": "here", "pid": "not a number"}),
+            json!({"host": "here", "pid": 43}),
+        ];
+        assert_eq!(local_pids(&workers, "here"), [41, 43]);
+        assert!(local_pids(&workers, "nowhere").is_empty());
+    }
 }
