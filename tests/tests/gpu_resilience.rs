@@ -273,3 +273,156 @@ async fn retry_after_is_respected() {
     }
     env.cleanup().await;
 }
+
+/// gpusim's request log (oldest first), as much of it as it holds (up to 1000).
+async fn requests(gpu: &procs::Proc) -> Vec<serde_json::Value> {
+    let url = format!("{}/debug/requests?limit=1000", gpu.url());
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+fn is_probe(r: &serde_json::Value) -> bool {
+    r["user"] == "flota-probe"
+}
+
+async fn scrape(worker: &procs::Proc, series: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", worker.url())).await.unwrap().text().await.unwrap();
+    flota_tests::metric_sample(&text, series)
+}
+
+/// The breaker's open state and the probe lease live in Redis: with three
+/// replicas open, tasks send the server nothing, and a failing, then
+/// recovering, server sees one probe at a time from the whole fleet, never one
+/// per replica side by side; the first healthy probe closes every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_probe_at_a_time_reaches_a_recovering_server_from_three_workers() {
+    const RETRIES: u64 = 1;
+    const PARKED: usize = 30;
+    let env = TestEnv::new("oneprobe").await;
+    let gpu = procs::gpusim(&["--error-rate", "1"]).await;
+    let retries = RETRIES.to_string();
+    let extra = [("FLOTA_GPU_RETRIES", retries.as_str())];
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(procs::worker(&env.env(), &gpu.url(), &extra).await);
+    }
+    let mut tap = env.tap_results().await;
+
+    // Enough failing interpretations that every replica sees 5 failures in a row
+    // (prefetch spreads them over the three) and opens its own breaker.
+    for i in 0..PARKED {
+        env.publish_task(
+            &json!({"id": format!("trip-{i}"), "kind": "interpret", "input": {"message": "Abrí un trabajo"}}),
+        )
+        .await;
+    }
+    let (tripped, _) = tap.collect_distinct(PARKED).await;
+    assert_eq!(tripped.len(), PARKED, "nothing lost while the breakers open");
+    for (n, w) in workers.iter().enumerate() {
+        eventually(&format!("worker {n} opens its own breaker"), || async {
+            transitions(w, "open").await >= 1.0
+        })
+        .await;
+        eventually(&format!("worker {n} acts on an open breaker and parks deliberations"), || async {
+            scrape(w, "flota_breaker_state").await != 0.0
+                && scrape(w, "flota_consuming_deliberations").await == 0.0
+        })
+        .await;
+    }
+
+    // With every breaker open, new work reaches no GPU: interpretations degrade
+    // without a call, deliberations wait in their queue.
+    let calls_before = requests(&gpu).await.iter().filter(|r| !is_probe(r)).count();
+    for i in 0..PARKED {
+        env.publish_task(
+            &json!({"id": format!("open-{i}"), "kind": "interpret", "input": {"message": "Abrí un trabajo"}}),
+        )
+        .await;
+    }
+    for i in 0..3 {
+        env.publish_task(&json!({"id": format!("wait-{i}"), "kind": "deliberate", "input": {"role": "QA", "task": "Plan the regression suite"}}))
+            .await;
+    }
+    let (degraded, duplicates) = tap.collect_distinct(PARKED).await;
+    assert_eq!(degraded.len(), PARKED, "nothing lost");
+    assert_eq!(duplicates, 0, "each id one result");
+    for (id, r) in &degraded {
+        assert!(id.starts_with("open-"), "{id} answered while the breakers are open");
+        assert!(
+            r.status == Status::Succeeded && r.output.as_ref().is_some_and(|o| o["degraded"] == true),
+            "{id} degraded without the GPU: {r:?}"
+        );
+    }
+
+    // Several probe rounds against the failing server.
+    let failed_probes =
+        || async { requests(&gpu).await.iter().filter(|r| is_probe(r) && r["status"] == 500).count() };
+    eventually("three probes fail", || async { failed_probes().await >= 3 }).await;
+    let calls_open = requests(&gpu).await.iter().filter(|r| !is_probe(r)).count();
+    assert_eq!(
+        calls_open,
+        calls_before,
+        "while every breaker was open only probes reached the server; without the breaker \
+         the {PARKED} interpretations would have sent up to {} calls",
+        PARKED as u64 * (RETRIES + 1)
+    );
+
+    // Recovering, slowly: each probe now stays in flight for a second, so a
+    // second replica probing alongside would show up as an overlap.
+    faults(&gpu, json!({"error_rate": 0.0, "base_ms": 1000})).await;
+    for (n, w) in workers.iter().enumerate() {
+        eventually(&format!("worker {n}'s breaker closes"), || async {
+            scrape(w, "flota_breaker_state").await == 0.0
+        })
+        .await;
+    }
+    faults(&gpu, json!({"base_ms": 0})).await;
+    let (delibs, duplicates) = tap.collect_distinct(3).await;
+    assert_eq!(delibs.len(), 3, "the parked deliberations are not lost");
+    assert_eq!(duplicates, 0, "each id one result");
+    for (id, r) in &delibs {
+        assert!(id.starts_with("wait-"), "{id}");
+        assert_eq!(r.status, Status::Succeeded, "{id}: {:?}", r.error);
+        assert_eq!(r.attempts, 1, "{id} spent no attempt while the breakers were open");
+    }
+
+    let log = requests(&gpu).await;
+    assert!(log.len() < 1000, "gpusim's log still holds every request");
+    let mut probes: Vec<&serde_json::Value> = log.iter().filter(|r| is_probe(r)).collect();
+    probes.sort_by_key(|r| r["arrived_at"].as_u64().unwrap());
+    let failed = probes.iter().filter(|r| r["status"] == 500).count();
+    let served = probes.iter().filter(|r| r["status"] == 200).count();
+    assert!(probes.len() >= 2 && failed >= 3, "several probe rounds: {probes:?}");
+    assert!(served >= 1, "a probe found the server healthy: {probes:?}");
+    for pair in probes.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        assert!(
+            b["arrived_at"].as_u64().unwrap() >= a["at"].as_u64().unwrap(),
+            "two probes in flight at once: {a} and {b}"
+        );
+    }
+    // The first healthy probe closes every replica's breaker (the others trust
+    // it rather than probing again): fewer healthy probes than replicas.
+    assert!(served < workers.len(), "{served} healthy probes for {} replicas", workers.len());
+    // Each failed probe re-opened its sender's breaker (a replica probes only in
+    // its own half-open period, and a failure ends it): the server saw no probe
+    // the workers do not account for.
+    let mut opened = 0.0;
+    let mut half_opened = 0.0;
+    for w in &workers {
+        opened += transitions(w, "open").await;
+        half_opened += transitions(w, "half_open").await;
+    }
+    assert!(
+        failed as f64 <= opened - workers.len() as f64,
+        "{failed} failed probes, {opened} openings of {} breakers",
+        workers.len()
+    );
+    assert!(probes.len() as f64 <= half_opened, "{} probes, {half_opened} half-open periods", probes.len());
+    assert!(
+        (probes.len() as u64) < PARKED as u64 * (RETRIES + 1),
+        "{} probes: fewer than the {} calls the parked interpretations' retries would be",
+        probes.len(),
+        PARKED as u64 * (RETRIES + 1)
+    );
+    env.cleanup().await;
+}
