@@ -165,6 +165,24 @@ async fn retry_later(delivery: Delivery) {
     let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
 }
 
+/// Why a body did not parse, for logs and the `x-flota-error` header, without
+/// any of its values: serde's message quotes the offending value (`invalid
+/// type: string "…"`, an unknown variant's name), which may be prompt text
+/// (pure). Only a missing field is named: its name is the schema's.
+fn json_problem(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Data if e.to_string().starts_with("missing field `") => {
+            e.to_string().split(" at line ").next().unwrap_or_default().to_string()
+        }
+        Category::Data => "a field has the wrong type or value, or is unknown".to_string(),
+        Category::Syntax => "not valid JSON".to_string(),
+        Category::Eof => "truncated JSON".to_string(),
+        Category::Io => "unreadable".to_string(),
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
 /// Doubled, up to `max` (pure).
 pub fn next_delay(delay: Duration, max: Duration) -> Duration {
     (delay * 2).min(max)
@@ -174,7 +192,7 @@ async fn handle_result(state: &AppState, delivery: Delivery, shutdown: &Cancella
     let result: ResultEnvelope = match serde_json::from_slice(&delivery.data) {
         Ok(r) => r,
         Err(e) => {
-            let why = format!("not a result envelope: {e}");
+            let why = format!("not a result envelope: {}", json_problem(&e));
             tracing::warn!(message = "Unreadable result dead-lettered.", error = %why);
             match dead_letter(state, &delivery, ErrorCode::InvalidTask, &why).await {
                 Ok(()) => {
@@ -328,8 +346,8 @@ fn count(state: &AppState, r: &ResultEnvelope) {
 }
 
 async fn handle_plan(state: &AppState, delivery: Delivery) {
-    let plan: Result<PlanApproved, String> =
-        serde_json::from_slice(&delivery.data).map_err(|e| format!("not a plan.approved event: {e}"));
+    let plan: Result<PlanApproved, String> = serde_json::from_slice(&delivery.data)
+        .map_err(|e| format!("not a plan.approved event: {}", json_problem(&e)));
     let plan = plan.and_then(|p| {
         let problems = p.problems();
         if problems.is_empty() { Ok(p) } else { Err(problems.join("; ")) }
@@ -400,6 +418,25 @@ mod tests {
         }
         // Long enough to ride out a Redis restart before touching the delivery limit.
         assert!(total >= Duration::from_secs(10), "{total:?}");
+    }
+
+    #[test]
+    fn parse_errors_carry_no_values() {
+        let secret = "s3cret prompt";
+        for body in [
+            serde_json::json!({"v": 1, "id": "a", "error": secret}).to_string(),
+            serde_json::json!({"v": 1, "id": "a", "kind": secret}).to_string(),
+            serde_json::json!({"v": secret}).to_string(),
+        ] {
+            let e = serde_json::from_str::<ResultEnvelope>(&body).unwrap_err();
+            assert!(e.to_string().contains(secret), "serde echoes the value: {e}");
+            let why = json_problem(&e);
+            assert!(!why.contains(secret) && why.contains("at line 1"), "{why}");
+        }
+        let e = serde_json::from_str::<ResultEnvelope>("{}").unwrap_err();
+        assert!(json_problem(&e).starts_with("missing field `"), "{}", json_problem(&e));
+        let e = serde_json::from_str::<ResultEnvelope>("{not json").unwrap_err();
+        assert!(json_problem(&e).starts_with("not valid JSON at line 1"), "{}", json_problem(&e));
     }
 
     #[test]
