@@ -66,9 +66,20 @@ fn install(
             .with_tracer(t)
             .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
     });
-    let logged = filter
-        .and(tracing_subscriber::filter::filter_fn(|meta| !meta.is_span() || meta.target() != TRACE_ONLY));
+    let logged = filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+        (!meta.is_span() || meta.target() != TRACE_ONLY) && !dumps_frames(meta.target(), *meta.level())
+    }));
     tracing_subscriber::registry().with(fmt.with_filter(logged)).with(otel).try_init()
+}
+
+/// Crates whose trace level prints every AMQP frame with `Debug`: the login's
+/// PLAIN response (user and password) and each message body (prompt text).
+const FRAME_DUMPERS: [&str; 2] = ["lapin", "amq_protocol"];
+
+/// A trace line of a [`FRAME_DUMPERS`] crate: never logged, whatever `RUST_LOG`
+/// says (their debug level and up stay available) (pure).
+fn dumps_frames(target: &str, level: tracing::Level) -> bool {
+    level == tracing::Level::TRACE && FRAME_DUMPERS.iter().any(|c| target.starts_with(c))
 }
 
 fn otlp_provider(endpoint: &str, service: &'static str) -> anyhow::Result<SdkTracerProvider> {
@@ -191,6 +202,16 @@ fn random_hex(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amqp_frame_dumps_are_never_logged() {
+        use tracing::Level;
+        assert!(dumps_frames("lapin::io_loop", Level::TRACE));
+        assert!(dumps_frames("lapin::channels", Level::TRACE));
+        assert!(dumps_frames("amq_protocol_tcp", Level::TRACE));
+        assert!(!dumps_frames("lapin::channels", Level::DEBUG));
+        assert!(!dumps_frames("flota_worker::consumer", Level::TRACE));
+    }
 
     #[test]
     fn parses_the_w3c_example() {
