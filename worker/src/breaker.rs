@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
-use failsafe::backoff::{self, FullJittered};
+use failsafe::backoff::{self, EqualJittered};
 use failsafe::failure_policy::{self, ConsecutiveFailures, FailurePolicy, OrElse, SuccessRateOverTimeWindow};
 use failsafe::{Instrument, StateMachine};
 use tokio::sync::watch;
@@ -163,7 +163,7 @@ impl Instrument for Hooks {
     }
 }
 
-type Policy = OrElse<ConsecutiveFailures<FullJittered>, SuccessRateOverTimeWindow<FullJittered>>;
+type Policy = OrElse<ConsecutiveFailures<EqualJittered>, SuccessRateOverTimeWindow<EqualJittered>>;
 
 pub struct Breaker {
     machine: StateMachine<Policy, Hooks>,
@@ -177,7 +177,9 @@ pub struct Breaker {
 
 impl Breaker {
     pub fn new(settings: BreakerSettings, observer: Arc<dyn TransitionObserver>) -> Breaker {
-        let open = || backoff::full_jittered(settings.open_min, settings.open_max);
+        // Equal jitter (half the period fixed, half random): full jitter may
+        // draw 0 s and probe a failing server right after opening.
+        let open = || backoff::equal_jittered(settings.open_min, settings.open_max);
         let policy = failure_policy::consecutive_failures(settings.consecutive_failures, open()).or_else(
             failure_policy::success_rate_over_time_window(
                 settings.required_success_rate,

@@ -107,10 +107,17 @@ impl Drop for Slot {
 
 /// Keep this replica's breaker and the fleet's in step, and run the one probe.
 /// Returns when `shutdown` is cancelled.
+/// How long the fleet's "open" flag lives unless a probe renews it (pure): longer
+/// than any local open period plus a probe, so it only disappears when a probe
+/// succeeded (which deletes it) — an expiry must never read as "healed".
+pub fn fleet_open_ttl(open_max: Duration, probe_lease: Duration) -> Duration {
+    open_max + probe_lease + 4 * SYNC_EVERY
+}
+
 pub async fn sync_breaker(gpu: GpuClient, store: Store, shutdown: CancellationToken) {
     let breaker = gpu.breaker().clone();
-    let open_for = breaker.settings.open_max;
     let probe_lease = breaker.settings.probe_timeout + Duration::from_secs(1);
+    let open_for = fleet_open_ttl(breaker.settings.open_max, probe_lease);
     let mut fleet_was_open = false;
     loop {
         tokio::select! {
@@ -204,6 +211,14 @@ mod tests {
         assert_eq!(admission_lease(Duration::from_secs(30)), Duration::from_secs(32));
         assert_eq!(admission_lease(Duration::from_millis(500)), Duration::from_millis(2500));
         assert!(admission_lease(Duration::ZERO) > Duration::ZERO);
+    }
+
+    #[test]
+    fn the_fleet_flag_outlives_an_open_period_and_a_probe() {
+        let (open_max, lease) = (Duration::from_secs(30), Duration::from_secs(6));
+        let ttl = fleet_open_ttl(open_max, lease);
+        assert!(ttl > open_max + lease, "{ttl:?}");
+        assert_eq!(ttl, Duration::from_secs(37));
     }
 
     #[test]
