@@ -77,6 +77,8 @@ pub struct Figures {
     pub gpu_utilisation: f64,
     pub gpu_peak_in_flight: i64,
     pub cpu_s_per_1000: f64,
+    /// The part of `cpu_s_per_1000` spent by the scheduler (the rest: workers).
+    pub scheduler_cpu_s_per_1000: Option<f64>,
     pub worker_peak_rss_mb: Vec<f64>,
     pub submit_p50_ms: Option<f64>,
     pub submit_p99_ms: Option<f64>,
@@ -251,6 +253,7 @@ async fn workload(
     }
     let pids: Vec<u32> = target.worker_pids.iter().copied().chain(target.scheduler_pid).collect();
     let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let scheduler_cpu_before = target.scheduler_pid.map(cpu_seconds);
 
     let tasks: Vec<_> = (0..n).map(|i| task(i, &target.run, "m", deliberate)).collect();
     let started = Instant::now();
@@ -287,6 +290,8 @@ async fn workload(
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+    let scheduler_cpu =
+        target.scheduler_pid.zip(scheduler_cpu_before).map(|(p, before)| cpu_seconds(p) - before);
     let stats: Value = match &target.gpu {
         Some(gpu) => match http.get(format!("{gpu}/stats")).send().await {
             Ok(r) => r.json().await.unwrap_or_default(),
@@ -309,6 +314,7 @@ async fn workload(
         gpu_utilisation: stats["utilisation"].as_f64().unwrap_or(0.0),
         gpu_peak_in_flight: stats["peak_in_flight"].as_i64().unwrap_or(0),
         cpu_s_per_1000: cpu / n as f64 * 1000.0,
+        scheduler_cpu_s_per_1000: scheduler_cpu.map(|c| c / n as f64 * 1000.0),
         worker_peak_rss_mb: target.worker_pids.iter().copied().map(peak_rss_mb).collect(),
         submit_p50_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 50.0)),
         submit_p99_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 99.0)),
