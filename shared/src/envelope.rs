@@ -633,9 +633,26 @@ pub fn now_rfc3339() -> String {
     now.format(&fmt).unwrap_or_default()
 }
 
+/// Milliseconds between two of our RFC 3339 timestamps (`to` − `from`);
+/// `None` when either does not parse (pure).
+pub fn millis_between(from: &str, to: &str) -> Option<f64> {
+    let parse = |s: &str| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok();
+    let (a, b) = (parse(from)?, parse(to)?);
+    Some((b - a).as_seconds_f64() * 1000.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn millis_between_timestamps() {
+        assert_eq!(millis_between("2026-12-03T08:00:00.250Z", "2026-12-03T08:00:01.000Z"), Some(750.0));
+        assert_eq!(millis_between("2026-12-03T08:00:01.000Z", "2026-12-03T08:00:00.000Z"), Some(-1000.0));
+        assert_eq!(millis_between("yesterday", "2026-12-03T08:00:00.000Z"), None);
+        let now = now_rfc3339();
+        assert_eq!(millis_between(&now, &now), Some(0.0));
+    }
     use serde_json::json;
 
     fn parse(v: Value) -> Result<TaskEnvelope, Rejection> {

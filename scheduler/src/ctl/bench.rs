@@ -74,6 +74,10 @@ pub struct Figures {
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
+    /// Time inside the worker (the result's `finished_at` − `started_at`): for
+    /// deliberations, what is compared with two GPU round trips.
+    pub run_p50_ms: f64,
+    pub run_p99_ms: f64,
     pub gpu_utilisation: f64,
     pub gpu_peak_in_flight: i64,
     pub cpu_s_per_1000: f64,
@@ -270,6 +274,7 @@ async fn workload(
         publish.await?;
     }
     let mut latencies = Vec::with_capacity(n);
+    let mut run_ms = Vec::with_capacity(n);
     let mut got = std::collections::HashSet::new();
     while got.len() < n {
         match tokio::time::timeout(Duration::from_secs(300), results.next()).await {
@@ -281,6 +286,9 @@ async fn workload(
                 }
                 let from = submitted.get(&id).copied().unwrap_or(started);
                 latencies.push(from.elapsed().as_secs_f64() * 1000.0);
+                let (start, end) =
+                    (v["started_at"].as_str().unwrap_or(""), v["finished_at"].as_str().unwrap_or(""));
+                run_ms.extend(flota_shared::envelope::millis_between(start, end));
             }
             _ => anyhow::bail!("stalled after {} of {n} results", got.len()),
         }
@@ -300,6 +308,7 @@ async fn workload(
         None => Value::Null,
     };
     latencies.sort_by(f64::total_cmp);
+    run_ms.sort_by(f64::total_cmp);
     submit_ms.sort_by(f64::total_cmp);
     Ok(Figures {
         scenario: format!("{scenario:?}"),
@@ -311,6 +320,8 @@ async fn workload(
         p50_ms: percentile(&latencies, 50.0),
         p90_ms: percentile(&latencies, 90.0),
         p99_ms: percentile(&latencies, 99.0),
+        run_p50_ms: percentile(&run_ms, 50.0),
+        run_p99_ms: percentile(&run_ms, 99.0),
         gpu_utilisation: stats["utilisation"].as_f64().unwrap_or(0.0),
         gpu_peak_in_flight: stats["peak_in_flight"].as_i64().unwrap_or(0),
         cpu_s_per_1000: cpu / n as f64 * 1000.0,
@@ -418,6 +429,7 @@ fn print(all: &[Figures]) {
                 f.tasks.to_string(),
                 format!("{:.0}", f.tasks_per_s),
                 format!("{:.0}/{:.0}/{:.0}", f.p50_ms, f.p90_ms, f.p99_ms),
+                format!("{:.0}/{:.0}", f.run_p50_ms, f.run_p99_ms),
                 format!("{:.1}%", f.gpu_utilisation * 100.0),
                 format!("{:.2}", f.cpu_s_per_1000),
                 f.worker_peak_rss_mb.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(","),
@@ -435,6 +447,7 @@ fn print(all: &[Figures]) {
             "tasks",
             "tasks/s",
             "p50/p90/p99 ms",
+            "run p50/p99 ms",
             "GPU util",
             "CPU s/1k",
             "RSS MB",
