@@ -8,8 +8,8 @@
 //! - [`procs`]: starting the workspace's binaries as child processes.
 //! - [`private_rabbitmq`]: a throwaway RabbitMQ node a test may crash and restart.
 //! - [`private_redis`]: a throwaway `redis-server` a test may kill and restart.
-//! - [`tls`]: a throwaway CA (openssl), a TLS-only private Redis, a TLS-terminating proxy
-//!   in front of RabbitMQ (optionally requiring client certificates).
+//! - [`tls`]: a throwaway CA (openssl), a TLS-only private Redis, a TLS listener added to
+//!   the shared RabbitMQ at run time (both optionally requiring client certificates).
 //! - [`proxy`]: a TCP fault proxy (cut, black-hole, delay) in front of RabbitMQ or Redis.
 
 pub mod private_rabbitmq;

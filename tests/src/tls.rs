@@ -1,27 +1,24 @@
 //! TLS test fixtures: a throwaway PKI made with `openssl`, a private
-//! `redis-server` that speaks only TLS, and a TLS-terminating TCP proxy in
-//! front of the shared RabbitMQ (which we cannot reconfigure), optionally
-//! requiring client certificates.
+//! `redis-server` that speaks only TLS, and a TLS listener added at run time
+//! to the shared RabbitMQ (and removed again), optionally requiring client
+//! certificates.
 //!
-//! Nothing here touches the shared servers' configuration: the private Redis
-//! listens on its own free port (plain port disabled), and the proxy forwards
-//! decrypted bytes to RabbitMQ only after a completed handshake, counting
-//! handshakes and forwarded sessions so tests can prove nothing leaked through
-//! in clear after a refused handshake.
+//! Neither touches the shared servers' existing configuration: the private
+//! Redis listens on its own free port (plain port disabled); the RabbitMQ
+//! listener is started with `rabbit_networking:start_ssl_listener` on a free
+//! port of 127.0.0.1 through `rabbitmqctl eval` (no restart: other tests share
+//! the broker) and stopped when its guard is dropped, panics included. The
+//! broker sees which of its connections are TLS and which client certificate
+//! they presented ([`broker_connections`]), so tests assert on the server's
+//! view, not only the client's.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
 
 /// A throwaway PKI in a temporary directory (removed on drop): a CA, a server
 /// certificate for `localhost` / `127.0.0.1` signed by it, a client
@@ -154,6 +151,19 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// Directory 0755, files 0644: a broker running as another user must read
+    /// the server's key (a throwaway test key, so that is fine).
+    pub fn make_world_readable(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o755))?;
+        for entry in std::fs::read_dir(&self.dir)? {
+            std::fs::set_permissions(entry?.path(), std::fs::Permissions::from_mode(0o644))?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Pki {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -188,8 +198,10 @@ pub struct TlsRedis {
 }
 
 impl TlsRedis {
-    /// Start it with the PKI's server certificate; clients need not present one.
-    pub async fn start(pki: &Pki) -> anyhow::Result<TlsRedis> {
+    /// Start it with the PKI's server certificate; with `require_client_cert`
+    /// (`tls-auth-clients yes`) it refuses clients without a certificate
+    /// signed by the PKI's CA, otherwise clients need not present one.
+    pub async fn start(pki: &Pki, require_client_cert: bool) -> anyhow::Result<TlsRedis> {
         let binary = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
             .into_iter()
             .map(PathBuf::from)
@@ -202,7 +214,8 @@ impl TlsRedis {
             .args(["--tls-cert-file", &path_str(&pki.server_cert())])
             .args(["--tls-key-file", &path_str(&pki.server_key())])
             .args(["--tls-ca-cert-file", &path_str(&pki.ca())])
-            .args(["--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
+            .args(["--tls-auth-clients", if require_client_cert { "yes" } else { "no" }])
+            .args(["--save", "", "--appendonly", "no"])
             .args(["--dir", &path_str(&pki.dir), "--daemonize", "no"])
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
@@ -234,114 +247,154 @@ impl TlsRedis {
     }
 }
 
-/// What a [`TlsProxy`] saw.
-#[derive(Default)]
-pub struct ProxyStats {
-    /// Handshakes completed (server certificate accepted, client certificate if required).
-    pub handshakes: AtomicU64,
-    /// Handshakes that failed: nothing of those connections reached the upstream.
-    pub refused: AtomicU64,
-    /// Completed handshakes whose client presented a certificate that verified.
-    pub client_certs: AtomicU64,
+/// A TLS listener on the shared RabbitMQ, on a free port of 127.0.0.1,
+/// serving the PKI's server certificate; stopped when dropped (panics too).
+pub struct RabbitTlsListener {
+    pub port: u16,
 }
 
-/// A TLS-terminating TCP proxy: TLS on a free local port, plain TCP to the
-/// upstream only after a completed handshake. Stops (and cuts its
-/// connections) when dropped.
-pub struct TlsProxy {
-    pub addr: SocketAddr,
-    pub stats: Arc<ProxyStats>,
-    stop: CancellationToken,
-}
-
-impl TlsProxy {
-    /// Serve the PKI's server certificate; with `require_client_cert`, refuse
-    /// clients without a certificate signed by the PKI's CA.
-    pub async fn start(
-        pki: &Pki,
-        upstream: SocketAddr,
-        require_client_cert: bool,
-    ) -> anyhow::Result<TlsProxy> {
-        let certs = CertificateDer::pem_file_iter(pki.server_cert())?.collect::<Result<Vec<_>, _>>()?;
-        let key = PrivateKeyDer::from_pem_file(pki.server_key())?;
-        // Explicit provider: feature unification enables both of rustls's
-        // providers in this workspace, so the implicit default is ambiguous.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?;
-        let builder = if require_client_cert {
-            let mut roots = rustls::RootCertStore::empty();
-            for ca in CertificateDer::pem_file_iter(pki.ca())? {
-                roots.add(ca?)?;
-            }
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()?;
-            builder.with_client_cert_verifier(verifier)
-        } else {
-            builder.with_no_client_auth()
-        };
-        let config = builder.with_single_cert(certs, key)?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let stats = Arc::new(ProxyStats::default());
-        let stop = CancellationToken::new();
-        let (st, stop2) = (stats.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let client = tokio::select! {
-                    _ = stop2.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok((client, _)) => client,
-                        Err(_) => return,
-                    },
-                };
-                let (acceptor, st, stop3) = (acceptor.clone(), st.clone(), stop2.clone());
-                tokio::spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(Duration::from_secs(30), acceptor.accept(client)).await;
-                    let mut tls = match handshake {
-                        Ok(Ok(tls)) => tls,
-                        _ => {
-                            st.refused.fetch_add(1, Ordering::AcqRel);
-                            return;
-                        }
-                    };
-                    st.handshakes.fetch_add(1, Ordering::AcqRel);
-                    if tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty()) {
-                        st.client_certs.fetch_add(1, Ordering::AcqRel);
-                    }
-                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
-                    tokio::select! {
-                        _ = stop3.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut tls, &mut server) => {}
-                    }
-                });
-            }
-        });
-        Ok(TlsProxy { addr, stats, stop })
+impl RabbitTlsListener {
+    /// Add the listener to the running broker. With `require_client_cert` the
+    /// broker refuses clients without a certificate signed by the PKI's CA
+    /// (`fail_if_no_peer_cert`); otherwise a certificate is optional (but
+    /// verified when presented). The broker runs as another user (`rabbitmq`),
+    /// so the PKI is made readable first (a throwaway test key) and the broker
+    /// is asked to read the files itself: `start_ssl_listener` returns `ok`
+    /// even for files it cannot read, which would only show later as failed
+    /// handshakes.
+    pub async fn start(pki: &Pki, require_client_cert: bool) -> anyhow::Result<RabbitTlsListener> {
+        pki.make_world_readable()?;
+        let files = [pki.ca(), pki.server_cert(), pki.server_key()].map(|p| erl_string(&p));
+        let readable =
+            rabbitmqctl_eval(&format!("[element(1, file:read_file(F)) || F <- [{}]].", files.join(", ")))
+                .await?;
+        if readable.trim() != "[ok,ok,ok]" {
+            bail!(
+                "the broker cannot read the PKI in {} ({readable}): is the path traversable?",
+                pki.dir.display()
+            );
+        }
+        let port = free_port()?;
+        let [ca, cert, key] = files;
+        let out = rabbitmqctl_eval(&format!(
+            "rabbit_networking:start_ssl_listener({{\"127.0.0.1\", {port}}}, [{{cacertfile, {ca}}}, \
+             {{certfile, {cert}}}, {{keyfile, {key}}}, {{verify, verify_peer}}, \
+             {{fail_if_no_peer_cert, {require_client_cert}}}], 1)."
+        ))
+        .await?;
+        if out.trim() != "ok" {
+            // Not ours (say, the port was taken since): nothing for a guard to stop.
+            bail!("start_ssl_listener on {port} answered {out}");
+        }
+        Ok(RabbitTlsListener { port })
     }
 
-    pub fn handshakes(&self) -> u64 {
-        self.stats.handshakes.load(Ordering::Acquire)
-    }
-    pub fn refused(&self) -> u64 {
-        self.stats.refused.load(Ordering::Acquire)
-    }
-    pub fn client_certs(&self) -> u64 {
-        self.stats.client_certs.load(Ordering::Acquire)
-    }
-
-    /// `amqps://guest:guest@localhost:PORT/%2f` (the certificate names `localhost`).
+    /// `amqps://guest:guest@localhost:PORT/%2f` (the certificate names
+    /// `localhost` and 127.0.0.1; guest may only connect from localhost).
     pub fn amqps_url(&self) -> String {
-        format!("amqps://guest:guest@localhost:{}/%2f", self.addr.port())
+        format!("amqps://guest:guest@localhost:{}/%2f", self.port)
+    }
+
+    /// The broker's connections on this listener.
+    pub async fn connections(&self) -> anyhow::Result<Vec<BrokerConnection>> {
+        Ok(broker_connections().await?.into_iter().filter(|c| c.port == self.port).collect())
     }
 }
 
-impl Drop for TlsProxy {
+/// Whether the shared broker lists a listener on `port` (any protocol).
+pub async fn rabbit_listener_active(port: u16) -> anyhow::Result<bool> {
+    let out = rabbitmqctl_eval(&format!(
+        "lists:any(fun(L) -> element(6, L) =:= {port} end, rabbit_networking:active_listeners())."
+    ))
+    .await?;
+    Ok(out.trim() == "true")
+}
+
+impl Drop for RabbitTlsListener {
     fn drop(&mut self) {
-        self.stop.cancel();
+        // Blocking on purpose: a drop may run while a panic unwinds, with no runtime to await on.
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args([
+                "eval",
+                &format!("rabbit_networking:stop_tcp_listener({{\"127.0.0.1\", {}}}).", self.port),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
+}
+
+/// One AMQP connection as the broker sees it.
+#[derive(Debug, Clone)]
+pub struct BrokerConnection {
+    /// The broker's port the client connected to.
+    pub port: u16,
+    /// Whether the connection is TLS.
+    pub ssl: bool,
+    /// The subject of the client certificate (`None` without one).
+    pub peer_cert_subject: Option<String>,
+    /// The client's connection name (`connection_name` client property).
+    pub name: String,
+}
+
+/// Every AMQP connection on the shared broker, from `rabbitmqctl list_connections`.
+pub async fn broker_connections() -> anyhow::Result<Vec<BrokerConnection>> {
+    let out = rabbitmqctl(&[
+        "list_connections",
+        "port",
+        "ssl",
+        "peer_cert_subject",
+        "client_properties",
+        "--formatter",
+        "json",
+        "-q",
+    ])
+    .await?;
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&out).with_context(|| format!("list_connections output: {out}"))?;
+    Ok(rows
+        .iter()
+        .map(|row| BrokerConnection {
+            port: row["port"].as_u64().unwrap_or(0) as u16,
+            ssl: row["ssl"].as_bool().unwrap_or(false),
+            peer_cert_subject: row["peer_cert_subject"]
+                .as_str()
+                .filter(|s| !s.is_empty() && *s != "none")
+                .map(str::to_string),
+            name: connection_name(&row["client_properties"]).unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// `connection_name` from the JSON form of client properties (`[name, type, value]` triples).
+fn connection_name(props: &serde_json::Value) -> Option<String> {
+    props.as_array()?.iter().find_map(|p| {
+        let p = p.as_array()?;
+        (p.first()?.as_str()? == "connection_name").then(|| p.get(2)?.as_str().map(str::to_string))?
+    })
+}
+
+async fn rabbitmqctl(args: &[&str]) -> anyhow::Result<String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new("rabbitmqctl").args(args).stdin(Stdio::null()).kill_on_drop(true).output(),
+    )
+    .await
+    .context("rabbitmqctl did not answer within 60 s")?
+    .context("cannot run `rabbitmqctl`")?;
+    if !out.status.success() {
+        bail!("rabbitmqctl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn rabbitmqctl_eval(expr: &str) -> anyhow::Result<String> {
+    rabbitmqctl(&["eval", expr]).await
+}
+
+/// A path as an Erlang string literal (a charlist, as `ssl` options expect).
+fn erl_string(p: &Path) -> String {
+    let s = path_str(p);
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
