@@ -137,11 +137,33 @@ pub async fn connect(config: &Config, name: &str) -> anyhow::Result<Connection> 
     )
     .await
     {
-        Ok(conn) => conn.map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {url}: {e}")),
+        Ok(conn) => conn.map_err(|e| {
+            let hint =
+                connect_hint(&e.to_string(), url.starts_with("amqps://"), config.tls_cert_file.is_some())
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+            anyhow::anyhow!("cannot connect to RabbitMQ at {url}: {e}{hint}")
+        }),
         Err(_) => {
             anyhow::bail!("cannot connect to RabbitMQ at {url}: no handshake within {CONNECT_TIMEOUT:?}")
         }
     }
+}
+
+/// What an operator should check, for the connect errors whose text does not
+/// say it (pure): TLS spoken to a plain port, or a broker that wants a client
+/// certificate and got none (RabbitMQ may reset before its alert is read).
+pub fn connect_hint(error: &str, tls: bool, client_cert: bool) -> Option<&'static str> {
+    if !tls {
+        return None;
+    }
+    if error.contains("InvalidContentType") || error.contains("corrupt message") {
+        return Some("the port does not speak TLS: is this the broker's amqps listener?");
+    }
+    let reset = error.contains("CertificateRequired") || error.contains("reset by peer");
+    (reset && !client_cert).then_some(
+        "the broker may require a client certificate: set FLOTA_TLS_CERT_FILE and FLOTA_TLS_KEY_FILE",
+    )
 }
 
 /// Bound on the AMQP handshake (TCP, TLS, open).
@@ -406,6 +428,20 @@ pub fn long_string(v: &str) -> AMQPValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_hints_name_the_likely_cause() {
+        let plain_port = "IO error: received corrupt message of type InvalidContentType";
+        assert!(connect_hint(plain_port, true, false).unwrap().contains("does not speak TLS"));
+        let no_cert = "IO error: received fatal alert: CertificateRequired";
+        assert!(connect_hint(no_cert, true, false).unwrap().contains("FLOTA_TLS_CERT_FILE"));
+        let reset = "IO error: Connection reset by peer (os error 104)";
+        assert!(connect_hint(reset, true, false).is_some());
+        // A certificate was given, or it is not TLS at all: no guess.
+        assert_eq!(connect_hint(reset, true, true), None);
+        assert_eq!(connect_hint(reset, false, false), None);
+        assert_eq!(connect_hint("invalid peer certificate: UnknownIssuer", true, false), None);
+    }
 
     #[test]
     fn names_live_under_the_prefix() {
