@@ -466,15 +466,49 @@ fn transport_error(e: reqwest::Error) -> GpuError {
 }
 
 fn status_error(status: u16, body: &[u8], retry_after: Option<Duration>) -> GpuError {
-    // The server's message can echo the prompt: keep only a short, bounded excerpt of its error text.
+    // OpenAI nests the error (`{"error": {"message"}}`); older vLLM puts it at the top.
     let text = serde_json::from_slice::<Value>(body)
         .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(|s| s.chars().take(200).collect::<String>()))
+        .and_then(|v| {
+            v["error"]["message"].as_str().or_else(|| v["message"].as_str()).map(scrub_server_message)
+        })
         .unwrap_or_default();
     match classify(status) {
         StatusClass::Refused => GpuError::Invalid { status, message: text },
         _ => GpuError::Transient { message: format!("HTTP {status}"), retry_after, timed_out: false },
     }
+}
+
+/// The GPU server's error text as far as it may travel (into results, logs,
+/// dead-letter headers) (pure). Servers echo what they refused — vLLM's
+/// validation errors quote the offending `input`, which can be the prompt — so
+/// every quoted stretch longer than a name is cut out, and the rest is bounded.
+pub fn scrub_server_message(message: &str) -> String {
+    const LONGEST_QUOTED_NAME: usize = 24;
+    const MAX_CHARS: usize = 200;
+    let chars: Vec<char> = message.chars().collect();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '\'' || c == '"' {
+            // A quote closed before the end: a quoted value.
+            if let Some(len) = chars[i + 1..].iter().position(|&q| q == c) {
+                if len > LONGEST_QUOTED_NAME {
+                    out.push(c);
+                    out.push('…');
+                    out.push(c);
+                } else {
+                    out.extend(&chars[i..=i + 1 + len]);
+                }
+                i += len + 2;
+                continue;
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
+    out.chars().take(MAX_CHARS).collect()
 }
 
 async fn read_capped(mut resp: reqwest::Response) -> Result<Vec<u8>, GpuError> {
@@ -598,6 +632,38 @@ mod tests {
         assert_eq!(retry_delay(backoff_delay, &transient(Some(3))), Duration::from_secs(3));
         assert_eq!(retry_delay(Duration::from_secs(5), &transient(Some(1))), Duration::from_secs(5));
         assert_eq!(retry_delay(backoff_delay, &transient(Some(0))), backoff_delay);
+    }
+
+    #[test]
+    fn server_messages_lose_what_they_quote() {
+        // vLLM's request validation quotes the input it refused.
+        let pydantic = "[{'type': 'string_too_long', 'loc': ('body', 'messages', 0, 'content'), \
+                        'msg': 'String should have at most 10 characters', 'input': 'Abrí un trabajo para la bomba del pozo 3 CANARY'}]";
+        let kept = scrub_server_message(pydantic);
+        assert!(!kept.contains("CANARY") && !kept.contains("bomba"), "{kept}");
+        assert!(kept.contains("'type': 'string_too_long'"), "short names stay: {kept}");
+        assert!(kept.contains("'input': '…'"), "{kept}");
+        // The useful vLLM refusal survives whole (an apostrophe is not a quote).
+        let context =
+            "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens.";
+        assert_eq!(scrub_server_message(context), context);
+        assert_eq!(scrub_server_message(&"x".repeat(500)).chars().count(), 200);
+        assert_eq!(scrub_server_message(r#"bad "prompt text that goes on and on" here"#), r#"bad "…" here"#);
+    }
+
+    #[test]
+    fn refusals_keep_the_scrubbed_message_from_either_error_shape() {
+        let nested = br#"{"error": {"message": "model 'x' not found", "type": "NotFoundError"}}"#;
+        match status_error(404, nested, None) {
+            GpuError::Invalid { status: 404, message } => assert_eq!(message, "model 'x' not found"),
+            other => panic!("{other:?}"),
+        }
+        let flat =
+            br#"{"object": "error", "message": "echo: 'a prompt long enough to be cut out'", "code": 400}"#;
+        match status_error(400, flat, None) {
+            GpuError::Invalid { message, .. } => assert_eq!(message, "echo: '…'"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
