@@ -3,7 +3,9 @@
 //! Grafana reference exists (bind mounts in short and long syntax, build
 //! contexts and Dockerfiles, `env_file`, and the COPY/ADD sources of every
 //! Dockerfile compose builds), every `FLOTA_*` variable they set is one the
-//! code reads, and every alert links a runbook that exists.
+//! code reads, every alert links a runbook that exists, and the Kubernetes
+//! manifests probe routes the binaries serve, outlast the drain and scale on
+//! the real work queues.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -767,4 +769,70 @@ fn the_contract_metric_names_are_the_ones_the_worker_exports() {
 
 fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// The first value after `key:` on any line of a manifest (flow or block style).
+fn manifest_values<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
+    let needle = format!("{key}:");
+    text.lines()
+        .filter_map(|l| {
+            let at = l.find(&needle)?;
+            let rest = l[at + needle.len()..].trim_start();
+            let end = rest.find([',', '}', '#']).unwrap_or(rest.len());
+            Some(rest[..end].trim().trim_matches('"'))
+        })
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// The Kubernetes manifests: probes on routes the binaries serve, a
+/// termination grace longer than the drain, and KEDA scaling the worker
+/// Deployment on the queues its prefix really has.
+#[test]
+fn k8s_probes_grace_and_scaling_match_the_binaries() {
+    let worker = read("ops/k8s/worker.yaml");
+    let scheduler = read("ops/k8s/scheduler.yaml");
+    let keda = read("ops/k8s/keda-scaledobject.yaml");
+    let worker_routes = read("worker/src/http.rs");
+    let scheduler_routes = read("scheduler/src/http.rs");
+    for (name, manifest, routes) in
+        [("worker", &worker, &worker_routes), ("scheduler", &scheduler, &scheduler_routes)]
+    {
+        for probe in ["livenessProbe", "readinessProbe"] {
+            assert!(manifest.contains(&format!("{probe}:")), "{name} has a {probe}");
+        }
+        let paths = manifest_values(manifest, "path");
+        assert!(paths.len() >= 2, "{name}'s probes name their paths: {paths:?}");
+        for path in paths {
+            assert!(routes.contains(&format!("\"{path}\"")), "{name} serves its probe path {path}");
+        }
+        // The pod is killed only after the drain's grace has run out, with a margin.
+        let grace: u64 = manifest_values(manifest, "terminationGracePeriodSeconds")
+            .first()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} sets terminationGracePeriodSeconds"));
+        let drain: u64 = manifest
+            .lines()
+            .find(|l| l.contains("FLOTA_SHUTDOWN_GRACE"))
+            .and_then(|l| manifest_values(l, "value").first().and_then(|v| v.parse().ok()))
+            .unwrap_or(30);
+        assert!(grace >= drain + 10, "{name}: termination grace {grace} s must exceed the drain {drain} s");
+    }
+    let prefix = worker
+        .lines()
+        .find(|l| l.contains("FLOTA_PREFIX"))
+        .and_then(|l| manifest_values(l, "value").first().map(|v| v.to_string()))
+        .expect("the worker sets FLOTA_PREFIX");
+    let worker_name = manifest_values(&worker, "name")[0];
+    assert_eq!(worker_name, "flota-worker");
+    let target = keda.split("scaleTargetRef:").nth(1).expect("KEDA names its target");
+    assert_eq!(manifest_values(target, "name").first().copied(), Some(worker_name), "KEDA scales the worker");
+    let topo = flota_shared::amqp::Topology::new(&prefix);
+    let queues = manifest_values(&keda, "queueName");
+    assert!(!queues.is_empty(), "KEDA triggers on queues");
+    for q in &queues {
+        let known = [flota_shared::envelope::Kind::Interpret, flota_shared::envelope::Kind::Deliberate]
+            .map(|k| topo.work_queue(k));
+        assert!(known.iter().any(|k| k == q), "KEDA's queue {q} is one of {prefix}'s work queues: {known:?}");
+    }
 }
