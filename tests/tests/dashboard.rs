@@ -1,5 +1,6 @@
 //! The dashboard in real headless Chromium against a running fleet: what it
 //! shows (queues, live workers with their breaker, failures, dead letters),
+//! that it refreshes itself,
 //! with a screenshot kept as test output.
 
 use std::path::Path;
@@ -80,6 +81,14 @@ async fn the_dashboard_shows_the_fleet() {
     let dom = chromium(&["--dump-dom"], &url);
     let html = String::from_utf8_lossy(&dom.stdout);
     assert!(html.contains("data-loaded=\"true\""), "the page loaded its data:\n{html}");
+    // It updates itself: within Chromium's virtual 6 s the 2 s timer fetched again.
+    let refreshes: u32 = html
+        .split("data-refreshes=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(refreshes >= 2, "the page refreshed itself ({refreshes} times)");
     assert!(html.contains(&env.topo.work_queue(flota_shared::envelope::Kind::Interpret)), "queues listed");
     assert!(html.contains("dash-worker-1"), "live worker listed");
     assert!(html.contains("closed"), "breaker state shown");
