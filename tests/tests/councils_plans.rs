@@ -238,18 +238,22 @@ async fn a_plans_status_shows_each_roles_progress_and_winner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_deliberation_resumes_without_repeating_finished_calls() {
     let env = TestEnv::new("resume").await;
-    // Reviews are slow, proposals fast: the kill lands after the proposals are checkpointed.
+    // Every call takes 400 ms, so the kill lands while the reviews are in flight.
     let gpu = procs::gpusim(&["--base-ms", "400"]).await;
     let victim = procs::worker(&env.env(), &gpu.url(), &[("FLOTA_LOCK_LEASE_MS", "1500")]).await;
     let mut tap = env.tap_results().await;
     env.publish_task(&json!({"id": "r-1", "kind": "deliberate", "input": {"role": "DATA", "task": "Deduplicate customers", "agents": 3}})).await;
-    // Wait until the three proposals are served (and checkpointed), then kill.
-    for _ in 0..600 {
-        if stats(&gpu).await["served"].as_u64().unwrap() >= 3 {
-            break;
+    // Wait until the three proposals are checkpointed in Redis (gpusim having
+    // served them is not enough: the worker writes each checkpoint after its
+    // answer arrives), then kill.
+    eventually("the three proposals are checkpointed", || async {
+        let mut all = true;
+        for i in 0..3 {
+            all &= env.store.checkpoint_get("r-1", &format!("p:{i}")).await.ok().flatten().is_some();
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        all
+    })
+    .await;
     victim.signal("KILL").await;
     let served_before = stats(&gpu).await["served_by_kind"]["proposal"].as_u64().unwrap_or(0);
     assert_eq!(served_before, 3);
