@@ -420,9 +420,11 @@ async fn drain_hands_back_what_the_grace_cannot_finish() {
     }
     assert_eq!(claimed_once, concurrency as u64, "the drained worker had started exactly {concurrency}");
 
+    // The tap listens before the finisher starts: the handed-back tasks are
+    // queued, so its first results can come before a later tap would exist.
+    let mut tap = env.tap_results().await;
     let healthy = procs::gpusim(&[]).await;
     let finisher = procs::worker(&env.env(), &healthy.url(), &[]).await;
-    let mut tap = env.tap_results().await;
     let (results, _) = tap.collect_distinct(ids.len()).await;
     assert_eq!(results.len(), ids.len(), "none lost");
     assert!(results.values().all(|r| r.status == Status::Succeeded), "{results:?}");
