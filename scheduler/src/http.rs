@@ -166,9 +166,17 @@ fn guard(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-/// The request body, or the JSON answer to a body that could not be read
-/// (413 over [`MAX_REQUEST_BYTES`]; axum's own rejection is plain text).
-fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Box<Response>> {
+/// The body of a mutating request once the token is checked, or the JSON
+/// answer: 401/403 first, then a body that could not be read (413 over
+/// [`MAX_REQUEST_BYTES`]; axum's own rejection is plain text).
+fn authorized_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, Box<Response>> {
+    if let Some(denied) = guard(state, headers) {
+        return Err(denied.into());
+    }
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             payload_too_large()
@@ -188,10 +196,7 @@ async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Some(denied) = guard(&state, &headers) {
-        return denied;
-    }
-    let body = match read_body(body) {
+    let body = match authorized_body(&state, &headers, body) {
         Ok(b) => b,
         Err(answer) => return *answer,
     };
@@ -397,10 +402,7 @@ async fn put_council(
     Path(role): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Some(denied) = guard(&state, &headers) {
-        return denied;
-    }
-    let body = match read_body(body) {
+    let body = match authorized_body(&state, &headers, body) {
         Ok(b) => b,
         Err(answer) => return *answer,
     };
@@ -460,10 +462,7 @@ async fn post_plan(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Some(denied) = guard(&state, &headers) {
-        return denied;
-    }
-    let body = match read_body(body) {
+    let body = match authorized_body(&state, &headers, body) {
         Ok(b) => b,
         Err(answer) => return *answer,
     };

@@ -17,6 +17,7 @@ pub mod private_redis;
 pub mod procs;
 pub mod proxy;
 pub mod tls;
+pub mod users;
 
 use std::collections::HashMap;
 use std::time::Duration;

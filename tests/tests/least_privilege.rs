@@ -18,6 +18,7 @@ use flota_shared::amqp::{self, Publisher};
 use flota_shared::config::Config;
 use flota_shared::envelope::{Kind, Status};
 use flota_shared::store::{self, Store, redis};
+use flota_tests::users::{RabbitUser, RedisUser};
 use flota_tests::{TestEnv, eventually, procs};
 use futures::StreamExt;
 use lapin::options::{
@@ -137,54 +138,6 @@ fn vars_with(env: &TestEnv, overrides: &[(&str, String)]) -> Vec<(String, String
     vars
 }
 
-/// Deletes the Redis ACL user when dropped, also when the test panics.
-struct RedisUser {
-    admin_url: String,
-    name: String,
-}
-
-impl Drop for RedisUser {
-    fn drop(&mut self) {
-        let deleted = redis::Client::open(self.admin_url.as_str())
-            .and_then(|c| c.get_connection())
-            .and_then(|mut c| redis::cmd("ACL").arg("DELUSER").arg(&self.name).query::<i64>(&mut c));
-        if let Err(e) = deleted {
-            eprintln!("could not delete Redis ACL user {}: {e}", self.name);
-        }
-    }
-}
-
-/// Deletes the RabbitMQ user when dropped, also when the test panics.
-struct RabbitUser {
-    name: String,
-}
-
-impl Drop for RabbitUser {
-    fn drop(&mut self) {
-        if let Err(e) = rabbitmqctl(&["delete_user", &self.name]) {
-            eprintln!("could not delete RabbitMQ user {}: {e}", self.name);
-        }
-    }
-}
-
-/// Run `rabbitmqctl`, failing clearly when it is missing or refuses.
-fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("rabbitmqctl").args(args).output().map_err(|e| {
-        format!("`rabbitmqctl` is required for this test (RabbitMQ user management) and cannot run: {e}")
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "rabbitmqctl {} failed ({}): {}{}",
-            args.first().copied().unwrap_or(""),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 fn assert_refused<T: std::fmt::Debug>(what: &str, res: redis::RedisResult<T>) {
     match res {
         Ok(v) => panic!("{what} must be refused to the ACL user, got {v:?}"),
@@ -201,27 +154,25 @@ fn assert_refused<T: std::fmt::Debug>(what: &str, res: redis::RedisResult<T>) {
 /// A RabbitMQ user with `permissions` (configure, write, read) on vhost `/`,
 /// deleted when dropped; and its AMQP URL.
 fn rabbit_user(permissions: &[String; 3]) -> (RabbitUser, String) {
-    let name = format!("flota-t-{}", &random_secret()[..10]);
-    let password = random_secret();
-    rabbitmqctl(&["add_user", &name, &password]).unwrap_or_else(|e| panic!("{e}"));
-    let user = RabbitUser { name: name.clone() };
     let [configure, write, read] = permissions;
-    rabbitmqctl(&["set_permissions", "-p", "/", &name, configure, write, read])
-        .unwrap_or_else(|e| panic!("{e}"));
-    (user, format!("amqp://{name}:{password}@127.0.0.1:5672/%2f"))
+    let user = RabbitUser::create(
+        format!("flota-t-{}", &random_secret()[..10]),
+        &random_secret(),
+        [configure, write, read],
+    );
+    let url = user.url();
+    (user, url)
 }
 
 /// The fleet's Redis ACL user for the prefix (docs/least-privilege.md),
 /// deleted when dropped; and its Redis URL.
 async fn redis_user(env: &TestEnv) -> (RedisUser, String) {
-    let name = format!("flota-t-{}", &random_secret()[..10]);
     let password = random_secret();
-    let user = RedisUser { admin_url: env.config.redis_url.clone(), name: name.clone() };
-    let mut admin = admin_redis(env).await;
-    let mut setuser = redis::cmd("ACL");
-    setuser.arg("SETUSER").arg(&name).arg(acl_rules(&env.prefix, &password));
-    let _: () = setuser.query_async(&mut admin).await.expect("ACL SETUSER (the shared Redis must allow ACL)");
-    (user, format!("redis://{name}:{password}@127.0.0.1:6379/0"))
+    let name = format!("flota-t-{}", &random_secret()[..10]);
+    let user =
+        RedisUser::create(&env.config.redis_url, name, &password, &acl_rules(&env.prefix, &password)).await;
+    let url = user.url();
+    (user, url)
 }
 
 async fn admin_redis(env: &TestEnv) -> redis::aio::MultiplexedConnection {

@@ -26,9 +26,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use flota_shared::amqp;
-use flota_shared::store::redis;
 use flota_shared::telemetry::TraceParent;
 use flota_tests::procs::{self, Proc};
+use flota_tests::users::{RabbitUser, RedisUser};
 use flota_tests::{PATIENCE, TestEnv, eventually};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
@@ -62,90 +62,9 @@ const CANARIES: [&str; 10] = [
     PERSONA_CANARY,
 ];
 
-/// Run `rabbitmqctl`, failing clearly when it is missing or refuses.
-fn rabbitmqctl(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("rabbitmqctl").args(args).output().map_err(|e| {
-        format!("`rabbitmqctl` is required for this test (RabbitMQ users) and cannot run: {e}")
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "rabbitmqctl {} failed ({}): {}{}",
-            args.first().copied().unwrap_or(""),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// A RabbitMQ user (all permissions on `/`), deleted when dropped, also when the test panics.
-struct RabbitUser {
-    name: String,
-}
-
-impl RabbitUser {
-    fn create(name: String, password: &str) -> RabbitUser {
-        rabbitmqctl(&["add_user", &name, password]).unwrap_or_else(|e| panic!("{e}"));
-        let user = RabbitUser { name };
-        rabbitmqctl(&["set_permissions", "-p", "/", &user.name, ".*", ".*", ".*"])
-            .unwrap_or_else(|e| panic!("{e}"));
-        user
-    }
-
-    fn url(&self, password: &str) -> String {
-        format!("amqp://{}:{password}@127.0.0.1:5672/%2f", self.name)
-    }
-}
-
-impl Drop for RabbitUser {
-    fn drop(&mut self) {
-        if let Err(e) = rabbitmqctl(&["delete_user", &self.name]) {
-            eprintln!("could not delete RabbitMQ user {}: {e}", self.name);
-        }
-    }
-}
-
-/// A Redis ACL user, deleted when dropped, also when the test panics.
-struct RedisUser {
-    admin_url: String,
-    name: String,
-}
-
-impl RedisUser {
-    async fn create(env: &TestEnv, name: String, password: &str) -> RedisUser {
-        let user = RedisUser { admin_url: env.config.redis_url.clone(), name };
-        let client = redis::Client::open(env.config.redis_url.as_str()).expect("admin client");
-        let mut c = client.get_multiplexed_async_connection().await.expect("admin connection");
-        let _: () = redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg(&user.name)
-            .arg("on")
-            .arg(format!(">{password}"))
-            .arg("~*")
-            .arg("+@all")
-            .query_async(&mut c)
-            .await
-            .expect("ACL SETUSER (the shared Redis must allow ACL)");
-        user
-    }
-
-    fn url(&self, password: &str) -> String {
-        format!("redis://{}:{password}@127.0.0.1:6379/0", self.name)
-    }
-}
-
-impl Drop for RedisUser {
-    fn drop(&mut self) {
-        let deleted = redis::Client::open(self.admin_url.as_str())
-            .and_then(|c| c.get_connection())
-            .and_then(|mut c| redis::cmd("ACL").arg("DELUSER").arg(&self.name).query::<i64>(&mut c));
-        if let Err(e) = deleted {
-            eprintln!("could not delete Redis ACL user {}: {e}", self.name);
-        }
-    }
-}
+/// Configure, write and read on everything: the canary users are about what
+/// gets logged, not about what they may do.
+const ALL_PERMISSIONS: [&str; 3] = [".*", ".*", ".*"];
 
 /// `vars` with `overrides` replacing (or adding) variables.
 fn with(vars: &[(String, String)], overrides: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -265,12 +184,19 @@ async fn canaries_never_reach_any_output() {
     let env = TestEnv::new("canary").await;
     // Users whose passwords are canaries: one for the worker, one for the
     // scheduler and the operator's flotactl, one Redis user for all.
-    let worker_user = RabbitUser::create(format!("canary-w-{}", env.prefix), AMQP_CANARY);
-    let ops_user = RabbitUser::create(format!("canary-o-{}", env.prefix), OPS_AMQP_CANARY);
-    let redis_user = RedisUser::create(&env, format!("canary-{}", env.prefix), REDIS_CANARY).await;
-    let worker_amqp = worker_user.url(AMQP_CANARY);
-    let ops_amqp = ops_user.url(OPS_AMQP_CANARY);
-    let redis_url = redis_user.url(REDIS_CANARY);
+    let worker_user = RabbitUser::create(format!("canary-w-{}", env.prefix), AMQP_CANARY, ALL_PERMISSIONS);
+    let ops_user = RabbitUser::create(format!("canary-o-{}", env.prefix), OPS_AMQP_CANARY, ALL_PERMISSIONS);
+    let all_keys_and_commands = ["on".to_string(), format!(">{REDIS_CANARY}"), "~*".into(), "+@all".into()];
+    let redis_user = RedisUser::create(
+        &env.config.redis_url,
+        format!("canary-{}", env.prefix),
+        REDIS_CANARY,
+        &all_keys_and_commands,
+    )
+    .await;
+    let worker_amqp = worker_user.url();
+    let ops_amqp = ops_user.url();
+    let redis_url = redis_user.url();
 
     let dir = std::env::temp_dir().join(format!("flota-canary-{}", env.prefix));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -515,7 +441,7 @@ async fn canaries_never_reach_any_output() {
         "flotactl queues, refused by RabbitMQ".into(),
         format!("{}\n{}", refused.stdout, refused.stderr),
     ));
-    let bad_redis = format!("redis://{}:{BAD_REDIS_CANARY}@127.0.0.1:6379/0", redis_user.name);
+    let bad_redis = format!("redis://{}:{BAD_REDIS_CANARY}@127.0.0.1:6379/0", redis_user.name());
     let refused = flotactl(&with(&ctl_vars, &[("FLOTA_REDIS_URL", &bad_redis)]), &["workers"]).await;
     assert_eq!(refused.code, Some(1), "a refused Redis login: {}{}", refused.stdout, refused.stderr);
     outputs.push((
@@ -567,8 +493,8 @@ async fn canaries_never_reach_any_output() {
     let scheduler_logs = &outputs.iter().find(|(w, _)| w == "scheduler log").unwrap().1;
     let serving = scheduler_logs.lines().find(|l| l.contains("Serving the API.")).expect("the serving line");
     assert!(
-        serving.contains(&format!("amqp://{}:***@127.0.0.1:5672", ops_user.name))
-            && serving.contains(&format!("redis://{}:***@127.0.0.1:6379", redis_user.name)),
+        serving.contains(&format!("amqp://{}:***@127.0.0.1:5672", ops_user.name()))
+            && serving.contains(&format!("redis://{}:***@127.0.0.1:6379", redis_user.name())),
         "the scheduler logs its URLs redacted: {serving}"
     );
 

@@ -70,11 +70,7 @@ impl Admission {
                 Ok(true) => return Ok(Slot { admission: self.clone(), token: Some(token) }),
                 Ok(false) => {}
                 Err(e) => {
-                    return Err(GpuError::Transient {
-                        message: format!("GPU admission unavailable: {e}"),
-                        retry_after: None,
-                        timed_out: false,
-                    });
+                    return Err(GpuError::unavailable(format!("GPU admission unavailable: {e}")));
                 }
             }
             if !admission_wait_fits(Instant::now(), wait, deadline) {

@@ -130,6 +130,11 @@ pub enum GpuError {
 }
 
 impl GpuError {
+    /// A transient failure that is neither a timeout nor carries `Retry-After`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        GpuError::Transient { message: message.into(), retry_after: None, timed_out: false }
+    }
+
     pub fn is_retryable(&self) -> bool {
         matches!(self, GpuError::Transient { .. })
     }
@@ -240,16 +245,12 @@ impl GpuClient {
                 if classify(status) != StatusClass::Ok {
                     return Err(status_error(status, &body, None));
                 }
-                let v: Value = serde_json::from_slice(&body).map_err(|_| GpuError::Transient {
-                    message: "unreadable /v1/models answer".into(),
-                    retry_after: None,
-                    timed_out: false,
-                })?;
-                v["data"][0]["id"].as_str().map(str::to_string).ok_or_else(|| GpuError::Transient {
-                    message: "the GPU server lists no model".into(),
-                    retry_after: None,
-                    timed_out: false,
-                })
+                let v: Value = serde_json::from_slice(&body)
+                    .map_err(|_| GpuError::unavailable("unreadable /v1/models answer"))?;
+                v["data"][0]["id"]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| GpuError::unavailable("the GPU server lists no model"))
             })
             .await
             .cloned()
@@ -376,11 +377,8 @@ impl GpuClient {
         if classify(status) != StatusClass::Ok {
             return Err(status_error(status, &bytes, retry_after));
         }
-        let wire: WireResponse = serde_json::from_slice(&bytes).map_err(|_| GpuError::Transient {
-            message: "unreadable completion body".into(),
-            retry_after: None,
-            timed_out: false,
-        })?;
+        let wire: WireResponse = serde_json::from_slice(&bytes)
+            .map_err(|_| GpuError::unavailable("unreadable completion body"))?;
         let content = wire.choices.into_iter().next().and_then(|c| c.message.content).unwrap_or_default();
         let usage = wire
             .usage

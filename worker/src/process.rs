@@ -445,11 +445,9 @@ async fn execute(tctx: &TaskCtx, task: &TaskEnvelope, inject_panic: bool) -> han
                         });
                     }
                     Err(e) => {
-                        return Err(TaskError::Gpu(crate::gpu::GpuError::Transient {
-                            message: format!("council registry unavailable: {e}"),
-                            retry_after: None,
-                            timed_out: false,
-                        }));
+                        return Err(TaskError::Gpu(crate::gpu::GpuError::unavailable(format!(
+                            "council registry unavailable: {e}"
+                        ))));
                     }
                 };
                 let seats: Vec<_> = council.seats(input.agents as usize).into_iter().cloned().collect();
