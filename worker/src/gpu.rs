@@ -51,7 +51,7 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub max_tokens: u32,
     pub temperature: f32,
-    pub response_format: Option<Value>,
+    pub response_format: Option<&'static Value>,
     /// The agent name for deliberation calls (OpenAI's `user` field).
     pub user: Option<String>,
     /// A model other than the fleet's default (a council agent's own).
@@ -408,7 +408,7 @@ fn wire_request<'a>(req: &'a ChatRequest, model: &'a str) -> WireRequest<'a> {
         messages: &req.messages,
         max_tokens: req.max_tokens,
         temperature: req.temperature,
-        response_format: req.response_format.as_ref(),
+        response_format: req.response_format,
         user: req.user.as_deref(),
     }
 }
@@ -753,7 +753,9 @@ mod tests {
     #[test]
     fn chat_body_carries_response_format_and_user_when_given() {
         let mut req = chat_request(32);
-        req.response_format = Some(serde_json::json!({"type": "json_object"}));
+        static JSON_OBJECT: std::sync::LazyLock<Value> =
+            std::sync::LazyLock::new(|| serde_json::json!({"type": "json_object"}));
+        req.response_format = Some(&JSON_OBJECT);
         req.user = Some("agent-a".into());
         let v = json_body(&built_chat(&req, None));
         assert_eq!(v["response_format"]["type"], "json_object");
