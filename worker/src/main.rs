@@ -10,7 +10,12 @@ use flota_worker::fleet::{self, Admission};
 use flota_worker::heartbeat;
 use flota_worker::{consumer, gpu::GpuClient, http, metrics::Metrics, process::WorkerCtx};
 
-#[tokio::main]
+// One thread runs every task of a worker (lapin keeps its own I/O thread).
+// Measured against the multi-threaded runtime in the gpu-bound bench, this
+// spends 20-25 % less CPU per task, mostly thread wake-ups, at the same
+// throughput: a worker waits on the GPU, it does not compute. Operators scale
+// a fleet by adding worker replicas, not threads.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let config = config::load_or_exit("flota-worker");
     let _telemetry = telemetry::init_with_config(&config, "flota-worker");

@@ -391,9 +391,13 @@ pub async fn run(config: &Config, opts: Options) -> anyhow::Result<Vec<Figures>>
         let mut f = measure(config, opts.scenario, w, opts.concurrency, opts.n).await?;
         if opts.ceiling {
             let gpu = crate::fleet::gpusim(&gpusim_args(opts.scenario), None).await?;
-            let c =
-                ceiling::run(config, &gpu.url(), opts.n as u64, opts.concurrency.saturating_mul(w as u16))
-                    .await;
+            let c = ceiling::run_single_threaded(
+                config,
+                &gpu.url(),
+                opts.n as u64,
+                opts.concurrency.saturating_mul(w as u16),
+            )
+            .await;
             let _ = gpu.terminate().await;
             let c = c?;
             let cps = c.tasks as f64 / c.elapsed.as_secs_f64();

@@ -38,6 +38,27 @@ pub fn process_cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Run the loop on a single-threaded runtime of its own, as the worker runs:
+/// the ceiling must be the cheapest loop, or the ratios flatter Flota (a
+/// multi-threaded runtime spends more CPU per task on thread wake-ups).
+pub async fn run_single_threaded(
+    config: &Config,
+    gpu_url: &str,
+    n: u64,
+    concurrency: u16,
+) -> anyhow::Result<CeilingRun> {
+    let (config, gpu_url) = (config.clone(), gpu_url.to_string());
+    tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(
+            &config,
+            &gpu_url,
+            n,
+            concurrency,
+        ))
+    })
+    .await?
+}
+
 pub async fn run(config: &Config, gpu_url: &str, n: u64, concurrency: u16) -> anyhow::Result<CeilingRun> {
     let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let work = format!("{}.ceiling.{tag}.work", config.prefix);
