@@ -2,6 +2,14 @@
 //! consumer, the dependency sweep and the gauges, all watching one
 //! cancellation token; on cancel, stop taking work, finish what is in hand
 //! within `FLOTA_SHUTDOWN_GRACE`, return.
+//!
+//! The results consumer runs on a single-threaded runtime of its own, with its
+//! own connections: every result is a delivery, a Lua call and an ack, each
+//! arriving alone, and on the API's multi-threaded runtime each of them woke
+//! another thread (the gpu-bound bench: 15-20 % of the scheduler's CPU).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +23,33 @@ use crate::{dataloss, http, results};
 pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let grace = state.config.shutdown_grace;
     let tasks = TaskTracker::new();
-    tasks.spawn(results::run(state.clone(), shutdown.clone()));
+    let results_state = state.with_own_connections()?;
+    let results_shutdown = shutdown.clone();
+    // A thread of its own, not `spawn_blocking`: dropping a runtime waits for its
+    // blocking tasks, so a caller that never cancels would hang in the drop.
+    let (results_done, results_finished) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new().name("flota-results".into()).spawn(move || {
+        match single_threaded_runtime() {
+            Ok(runtime) => runtime.block_on(results::run(results_state, results_shutdown)),
+            // The watch below stops the scheduler: nothing is recorded without this runtime.
+            Err(e) => tracing::error!(message = "Cannot start the results runtime.", error = %e),
+        }
+        let _ = results_done.send(());
+    })?;
+    let (watched, results_died) = (shutdown.clone(), Arc::new(AtomicBool::new(false)));
+    tasks.spawn({
+        let results_died = results_died.clone();
+        async move {
+            let _ = results_finished.await;
+            // It returns only on shutdown; ending before (a panic) would leave a scheduler
+            // that records nothing: stop instead, with an error, so a supervisor restarts it.
+            if !watched.is_cancelled() {
+                tracing::error!(message = "The results consumer stopped; stopping the scheduler.");
+                results_died.store(true, Ordering::Relaxed);
+                watched.cancel();
+            }
+        }
+    });
     tasks.spawn(state.deps.clone().run(shutdown.clone()));
     tasks.spawn(results::refresh_gauges(state.clone(), shutdown.clone()));
     tasks.spawn(dataloss::watch(state.clone(), shutdown.clone()));
@@ -34,5 +68,10 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
         );
     }
     served?;
+    anyhow::ensure!(!results_died.load(Ordering::Relaxed), "the results consumer stopped unexpectedly");
     Ok(())
+}
+
+fn single_threaded_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }

@@ -34,4 +34,23 @@ impl AppState {
             deps,
         }
     }
+
+    /// The same metrics and activity over connections of its own (a Redis
+    /// pool, a publishing AMQP connection), for a part of the scheduler that
+    /// runs on a runtime of its own: a connection is driven by the runtime that
+    /// opened it, and a wake-up across runtimes is a thread switch.
+    pub fn with_own_connections(&self) -> anyhow::Result<AppState> {
+        let store = Store::new(flota_shared::store::pool(&self.config, 64)?, &self.config.prefix);
+        let broker = Broker::new(&self.config);
+        let deps =
+            Dependencies { store: store.clone(), broker: broker.clone(), topo: broker.topology().clone() };
+        Ok(AppState {
+            config: self.config.clone(),
+            store,
+            broker,
+            metrics: self.metrics.clone(),
+            activity: self.activity.clone(),
+            deps,
+        })
+    }
 }
