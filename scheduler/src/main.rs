@@ -4,7 +4,8 @@
 
 use std::io::Write;
 
-use flota_scheduler::{server, state::AppState};
+use flota_scheduler::server;
+use flota_scheduler::state::{AppState, REDIS_POOL_SIZE};
 use flota_shared::config::{self, redact_url};
 use flota_shared::{shutdown, store, telemetry};
 
@@ -13,7 +14,7 @@ async fn main() -> anyhow::Result<()> {
     let config = config::load_or_exit("flota-scheduler");
     let _telemetry = telemetry::init_with_config(&config, "flota-scheduler");
     let shutdown = shutdown::on_signal();
-    let store = store::Store::new(store::pool(&config, 64)?, &config.prefix);
+    let store = store::Store::new(store::pool(&config, REDIS_POOL_SIZE)?, &config.prefix);
     let state = AppState::new(config.clone(), store);
 
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;

@@ -72,6 +72,8 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     Ok(())
 }
 
-fn single_threaded_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// A runtime that runs every task on the calling thread (the results consumer,
+/// the bench's ceiling loop).
+pub fn single_threaded_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }

@@ -20,19 +20,13 @@ pub struct AppState {
     pub deps: Dependencies,
 }
 
+/// Redis connections of a scheduler's pool (one shared multiplexed connection
+/// carries the commands; the pool makes and replaces it).
+pub const REDIS_POOL_SIZE: usize = 64;
+
 impl AppState {
     pub fn new(config: Config, store: Store) -> AppState {
-        let broker = Broker::new(&config);
-        let deps =
-            Dependencies { store: store.clone(), broker: broker.clone(), topo: broker.topology().clone() };
-        AppState {
-            config,
-            store,
-            broker,
-            metrics: Arc::new(Metrics::default()),
-            activity: Arc::new(Activity::default()),
-            deps,
-        }
+        Self::assemble(config, store, Arc::default(), Arc::default())
     }
 
     /// The same metrics and activity over connections of its own (a Redis
@@ -40,17 +34,15 @@ impl AppState {
     /// runs on a runtime of its own: a connection is driven by the runtime that
     /// opened it, and a wake-up across runtimes is a thread switch.
     pub fn with_own_connections(&self) -> anyhow::Result<AppState> {
-        let store = Store::new(flota_shared::store::pool(&self.config, 64)?, &self.config.prefix);
-        let broker = Broker::new(&self.config);
+        let pool = flota_shared::store::pool(&self.config, REDIS_POOL_SIZE)?;
+        let store = Store::new(pool, &self.config.prefix);
+        Ok(Self::assemble(self.config.clone(), store, self.metrics.clone(), self.activity.clone()))
+    }
+
+    fn assemble(config: Config, store: Store, metrics: Arc<Metrics>, activity: Arc<Activity>) -> AppState {
+        let broker = Broker::new(&config);
         let deps =
             Dependencies { store: store.clone(), broker: broker.clone(), topo: broker.topology().clone() };
-        Ok(AppState {
-            config: self.config.clone(),
-            store,
-            broker,
-            metrics: self.metrics.clone(),
-            activity: self.activity.clone(),
-            deps,
-        })
+        AppState { config, store, broker, metrics, activity, deps }
     }
 }

@@ -49,12 +49,7 @@ pub async fn run_single_threaded(
 ) -> anyhow::Result<CeilingRun> {
     let (config, gpu_url) = (config.clone(), gpu_url.to_string());
     tokio::task::spawn_blocking(move || {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(
-            &config,
-            &gpu_url,
-            n,
-            concurrency,
-        ))
+        crate::server::single_threaded_runtime()?.block_on(run(&config, &gpu_url, n, concurrency))
     })
     .await?
 }
