@@ -69,6 +69,28 @@ async fn a_result_delivered_twice_is_recorded_once() {
     h.stop().await;
 }
 
+/// Acks go out in batches and without waiting on lapin: every handled result
+/// must still be acked. Once the scheduler has drained and closed its channel,
+/// an unacked delivery would be back in its queue, ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_handled_result_is_acked_once_the_scheduler_has_drained() {
+    let mut h = Harness::start("acks", None).await;
+    // More than one batch can hold (`flota_shared::acks::FLUSH_AT`), and one unreadable.
+    let n = flota_shared::acks::FLUSH_AT as u32 * 2 + 7;
+    for i in 0..n {
+        let id = format!("ack-{i}");
+        publish_result(&h, &id, &serde_json::to_vec(&result(&id, "succeeded", "worker-a")).unwrap()).await;
+    }
+    publish_result(&h, "ack-garbage", b"{not json").await;
+    let recorded = "flota_results_recorded_total{kind=\"interpret\",status=\"succeeded\"}";
+    h.eventually("every result recorded", || async { h.metric(recorded).await == n as f64 }).await;
+    h.eventually("the garbage dead-lettered", || async { h.depth(&h.topo.dead_queue()).await == 1 }).await;
+    h.stop_scheduler().await;
+    assert_eq!(h.depth(&h.topo.results_queue()).await, 0, "results left unacked came back to the queue");
+    assert_eq!(h.depth(&h.topo.dead_queue()).await, 1);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_is_dead_lettered_and_failures_are_announced() {
     let h = Harness::start("garbage", None).await;

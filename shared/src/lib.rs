@@ -6,10 +6,12 @@
 //! - [`council`]: councils of agents per role, their defaults and validation.
 //! - [`config`]: settings from the environment; parse all, report all, exit 64.
 //! - [`amqp`]: connections, the contract's topology, confirmed publishing, message headers.
+//! - [`acks`]: acks that do not wait on lapin, batched per channel.
 //! - [`store`]: Redis pool, key names and the Lua scripts that change task state.
 //! - [`telemetry`]: log initialisation and W3C trace context.
 //! - [`shutdown`]: SIGTERM/SIGINT into a cancellation token.
 
+pub mod acks;
 pub mod amqp;
 pub mod config;
 pub mod council;

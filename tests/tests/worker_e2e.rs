@@ -67,6 +67,10 @@ async fn interpretations_yield_intent_and_title() {
         assert_eq!(env.store.ledger(id).await.unwrap().applies, 1);
     }
     assert_eq!(worker.terminate().await, Some(0), "worker drains and exits 0");
+    // Acks are queued without waiting on lapin: they must still all have gone out.
+    // The worker's channels are closed now, so an unacked delivery is back, ready.
+    let queue = env.topo.work_queue(flota_shared::envelope::Kind::Interpret);
+    assert_eq!(env.queue_depth(&queue).await, 0, "every reported task acked");
     env.cleanup().await;
 }
 

@@ -4,22 +4,22 @@
 //! any connection or consumer error it backs off, reconnects, re-declares,
 //! re-applies prefetch and consumes again. A delivery is acked only after the
 //! publish its decision requires has been confirmed by the broker, and only
-//! on the channel it came from (`delivery.acker`).
+//! on the channel it came from. Acks are queued on the channel without
+//! waiting for lapin to write them (`flota_shared::acks`); nacks are waited for.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use flota_shared::acks;
 use flota_shared::amqp::{
     self, HEADER_ATTEMPT, HEADER_ERROR, HEADER_REASON, HEADER_SOURCE_QUEUE, Publisher, Topology, long_string,
     with_headers,
@@ -109,6 +109,8 @@ async fn session(
     // breaker open they stay in their queue, spending no attempt.
     let breaker = ctx.gpu.breaker().clone();
     let mut deliberate = None;
+    // A cancelled deliberation consumer, until it has handed over what it had buffered.
+    let mut cancelled: Option<lapin::Consumer> = None;
     if breaker.state() == BreakerState::Closed {
         deliberate = Some(consume(&deliberate_channel, topo, Kind::Deliberate, &deliberate_tag).await?);
     }
@@ -135,9 +137,10 @@ async fn session(
                         deliberate_channel
                             .basic_cancel(ShortString::from(deliberate_tag.clone()), BasicCancelOptions::default())
                             .await?;
-                        deliberate = None;
+                        cancelled = deliberate.take();
                     }
-                    (true, false) => {
+                    // The same tag is consumed again only once the cancelled consumer is done.
+                    (true, false) if cancelled.is_none() => {
                         tracing::info!(message = "GPU path available; consuming deliberations again.");
                         deliberate = Some(consume(&deliberate_channel, topo, Kind::Deliberate, &deliberate_tag).await?);
                     }
@@ -148,6 +151,19 @@ async fn session(
             }
             next = interpret.next() => (Kind::Interpret, next),
             next = next_or_pending(&mut deliberate) => (Kind::Deliberate, next),
+            left = next_or_pending(&mut cancelled) => {
+                match left {
+                    // Sent before the cancel took effect, never started: back to its queue
+                    // for a worker whose GPU path is up. Dropped with its consumer instead, it
+                    // would stay unacked on this channel until the channel closed.
+                    Some(Ok(delivery)) => {
+                        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                    }
+                    // The cancel is complete (or the channel failed, which the other arms see).
+                    _ => cancelled = None,
+                }
+                continue;
+            }
         };
         match next {
             (kind, Some(Ok(delivery))) => {
@@ -163,8 +179,12 @@ async fn session(
                 let publisher = publisher.clone();
                 let topo = topo.clone();
                 let hand_back = hand_back.clone();
+                let channel = match kind {
+                    Kind::Interpret => interpret_channel.clone(),
+                    Kind::Deliberate => deliberate_channel.clone(),
+                };
                 tracker.spawn(async move {
-                    handle(&ctx, &publisher, &topo, kind, delivery, &hand_back).await;
+                    handle(&ctx, &publisher, &topo, kind, Received { delivery, channel }, &hand_back).await;
                     drop(permit);
                 });
             }
@@ -205,15 +225,16 @@ async fn handle(
     publisher: &Publisher,
     topo: &Topology,
     kind: Kind,
-    delivery: Delivery,
+    received: Received,
     hand_back: &CancellationToken,
 ) {
+    let delivery = &received.delivery;
     let (span, trace) = crate::process::consume_span(&delivery.properties);
     async {
         let decision = process(ctx, &delivery.data, &delivery.properties, trace, hand_back).await;
         let publish = tracing::info_span!(target: TRACE_ONLY, "publish");
-        let published = carry_out(ctx, publisher, topo, kind, &delivery, &decision).instrument(publish).await;
-        settle(ctx, publisher, topo, delivery, decision, published).await;
+        let published = carry_out(ctx, publisher, topo, kind, delivery, &decision).instrument(publish).await;
+        settle(ctx, publisher, topo, &received, decision, published).await;
     }
     .instrument(span)
     .await
@@ -268,22 +289,31 @@ async fn carry_out(
     })
 }
 
+/// A delivery and the channel it came on, the only one it can be acked on.
+struct Received {
+    delivery: Delivery,
+    channel: lapin::Channel,
+}
+
 /// Ack once the decision's publish is confirmed; otherwise give the delivery back.
 async fn settle(
     ctx: &WorkerCtx,
     publisher: &Publisher,
     topo: &Topology,
-    delivery: Delivery,
+    received: &Received,
     decision: Decision,
     published: Option<Result<(), amqp::PublishError>>,
 ) {
+    let delivery = &received.delivery;
     let Some(published) = published else {
         let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
         return;
     };
     match published {
         Ok(()) => {
-            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+            // Single acks, not batched: prefetch equals concurrency here, so an ack held
+            // back for company would hold back the next delivery (see `flota_shared::acks`).
+            if let Err(e) = acks::ack_detached(&received.channel, delivery) {
                 // The channel died after the publish: the broker redelivers, the store answers.
                 tracing::warn!(message = "Ack failed after a confirmed publish; the task will be re-reported.", error = %e);
             }

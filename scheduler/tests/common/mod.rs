@@ -29,7 +29,7 @@ pub struct Harness {
     pub conn: lapin::Connection,
     pub publisher: Publisher,
     shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Harness {
@@ -67,7 +67,7 @@ impl Harness {
             conn,
             publisher,
             shutdown,
-            server,
+            server: Some(server),
         };
         // Ready = the publishing side connected and Redis answering.
         h.eventually("the scheduler to be ready", || async {
@@ -139,12 +139,19 @@ impl Harness {
             .unwrap_or(0.0)
     }
 
-    /// Stop the scheduler (it must drain and return cleanly) and delete the prefix.
-    pub async fn stop(self) {
+    /// Stop the scheduler; it must drain and return cleanly. Its queues stay.
+    pub async fn stop_scheduler(&mut self) {
         self.shutdown.cancel();
-        let served = self.server.await.expect("server task");
+        if let Some(server) = self.server.take() {
+            let served = server.await.expect("server task");
+            served.expect("scheduler ran and drained without error");
+        }
+    }
+
+    /// Stop the scheduler (see [`Harness::stop_scheduler`]) and delete the prefix.
+    pub async fn stop(mut self) {
+        self.stop_scheduler().await;
         let _ = self.conn.close(200, ShortString::from("done")).await;
         fleet::cleanup_prefix(&self.config).await.expect("cleanup");
-        served.expect("scheduler ran and drained without error");
     }
 }
