@@ -13,6 +13,7 @@
 //! every handler answers from the store: the same as an ack that failed.
 //!
 //! The bookkeeping ([`AckLedger`]) is pure; [`AckBatcher`] is its I/O edge.
+//! [`hand_back_buffered`] settles what a cancelled consumer still holds.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::Notify;
@@ -197,6 +199,31 @@ impl AckBatcher {
         }
         self.flush();
     }
+}
+
+/// How long a cancelled consumer may take to hand over its buffer. It is
+/// complete when the cancel returns, so this bounds only a broken channel.
+const HAND_BACK_WITHIN: Duration = Duration::from_secs(5);
+
+/// Give back to their queue (nack-requeue) the deliveries a consumer had
+/// buffered but nobody took, once `basic_cancel` for it has returned; returns
+/// how many. lapin queues a consumer's deliveries as they arrive, whether or
+/// not its stream is polled; dropping the consumer drops them too, and they
+/// stay unacked on the channel until it closes. After `basic.cancel-ok` the
+/// stream yields what it buffered, then ends, so this does not wait.
+pub async fn hand_back_buffered(mut consumer: lapin::Consumer) -> usize {
+    let mut handed_back = 0;
+    let drain = async {
+        // An error means the channel failed: its deliveries go back with it.
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+            if delivery.acker.nack(requeue).await.is_ok() {
+                handed_back += 1;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(HAND_BACK_WITHIN, drain).await;
+    handed_back
 }
 
 /// Ack one delivery without waiting for lapin: for consumers that cannot

@@ -109,8 +109,6 @@ async fn session(
     // breaker open they stay in their queue, spending no attempt.
     let breaker = ctx.gpu.breaker().clone();
     let mut deliberate = None;
-    // A cancelled deliberation consumer, until it has handed over what it had buffered.
-    let mut cancelled: Option<lapin::Consumer> = None;
     if breaker.state() == BreakerState::Closed {
         deliberate = Some(consume(&deliberate_channel, topo, Kind::Deliberate, &deliberate_tag).await?);
     }
@@ -137,10 +135,16 @@ async fn session(
                         deliberate_channel
                             .basic_cancel(ShortString::from(deliberate_tag.clone()), BasicCancelOptions::default())
                             .await?;
-                        cancelled = deliberate.take();
+                        // Sent before the cancel took effect, never started: back to their queue,
+                        // for a worker whose GPU path is up, not held here unacked.
+                        if let Some(cancelled) = deliberate.take() {
+                            let handed_back = acks::hand_back_buffered(cancelled).await;
+                            if handed_back > 0 {
+                                tracing::info!(message = "Buffered deliberations handed back.", handed_back);
+                            }
+                        }
                     }
-                    // The same tag is consumed again only once the cancelled consumer is done.
-                    (true, false) if cancelled.is_none() => {
+                    (true, false) => {
                         tracing::info!(message = "GPU path available; consuming deliberations again.");
                         deliberate = Some(consume(&deliberate_channel, topo, Kind::Deliberate, &deliberate_tag).await?);
                     }
@@ -151,19 +155,6 @@ async fn session(
             }
             next = interpret.next() => (Kind::Interpret, next),
             next = next_or_pending(&mut deliberate) => (Kind::Deliberate, next),
-            left = next_or_pending(&mut cancelled) => {
-                match left {
-                    // Sent before the cancel took effect, never started: back to its queue
-                    // for a worker whose GPU path is up. Dropped with its consumer instead, it
-                    // would stay unacked on this channel until the channel closed.
-                    Some(Ok(delivery)) => {
-                        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-                    }
-                    // The cancel is complete (or the channel failed, which the other arms see).
-                    _ => cancelled = None,
-                }
-                continue;
-            }
         };
         match next {
             (kind, Some(Ok(delivery))) => {
