@@ -125,6 +125,8 @@ async fn session(
     let mut deliveries = futures::stream::select(results.map(|d| (false, d)), approved.map(|d| (true, d)));
     // The results channel has this one consumer for its whole life, as the batcher needs.
     let acks = AckBatcher::new(channel.clone(), ACK_WINDOW);
+    // Not a child of `shutdown`: the deliveries finished during the drain still need it.
+    // Cancelled when the session ends, whatever ended it, and awaited there.
     let stop_acks = CancellationToken::new();
     let flusher = tokio::spawn(acks.clone().run(stop_acks.clone()));
     tracing::info!(message = "Consuming results.", prefix = %topo.prefix());
