@@ -120,11 +120,9 @@ struct Inner {
 pub const FLUSH_AT: usize = 128;
 
 impl AckBatcher {
-    /// `window`: how long ready acks may wait for more to join them. Zero sends
-    /// them as soon as [`run`](Self::run) is polled (acks that became ready in
-    /// the meantime still share a frame). A window longer than zero delays the
-    /// broker's view only, so it suits consumers whose prefetch is well above
-    /// what they hold at once: a delayed ack holds a prefetch slot.
+    /// `window`: how long ready acks may wait for more to join them. It delays
+    /// the broker's view only, so it suits consumers whose prefetch is well
+    /// above what they hold at once: a delayed ack holds a prefetch slot.
     pub fn new(channel: lapin::Channel, window: Duration) -> AckBatcher {
         AckBatcher {
             inner: Arc::new(Inner { channel, ledger: Mutex::default(), wake: Notify::new(), window }),
@@ -158,8 +156,8 @@ impl AckBatcher {
     /// this tag (a `multiple` ack sent before the nack would have acked it).
     pub async fn nack(&self, delivery: &Delivery, requeue: bool) -> lapin::Result<bool> {
         let sent = delivery.acker.nack(BasicNackOptions { requeue, ..Default::default() }).await;
+        // Nothing new to send: acks waiting above this tag already woke `run`.
         self.ledger().settled_otherwise(delivery.delivery_tag);
-        self.inner.wake.notify_one();
         sent
     }
 
@@ -178,8 +176,8 @@ impl AckBatcher {
         }
     }
 
-    /// Send ready acks until `stop`, then once more. Spawn it beside the
-    /// consumer, on the same tracker.
+    /// Send ready acks until `stop`, then once more. Run it beside the consumer
+    /// and stop it after the last delivery is settled, so the drain's acks go too.
     pub async fn run(self, stop: CancellationToken) {
         loop {
             tokio::select! {
@@ -189,11 +187,9 @@ impl AckBatcher {
             if self.ledger().pending() == 0 {
                 continue;
             }
-            if !self.inner.window.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(self.inner.window) => {}
-                    _ = stop.cancelled() => break,
-                }
+            tokio::select! {
+                _ = tokio::time::sleep(self.inner.window) => {}
+                _ = stop.cancelled() => break,
             }
             self.flush();
         }
