@@ -30,7 +30,15 @@ pub async fn run(state: AppState, listener: TcpListener, shutdown: CancellationT
     let (results_done, results_finished) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new().name("flota-results".into()).spawn(move || {
         match single_threaded_runtime() {
-            Ok(runtime) => runtime.block_on(results::run(results_state, results_shutdown)),
+            // Spawned, not the `block_on` future itself: a wake-up of that future goes
+            // through the runtime's eventfd even from its own thread (a system call per
+            // timer or delivery), while a spawned task's goes to its local queue.
+            Ok(runtime) => {
+                let results = runtime.spawn(results::run(results_state, results_shutdown));
+                if let Err(e) = runtime.block_on(results) {
+                    tracing::error!(message = "The results consumer panicked.", error = %e);
+                }
+            }
             // The watch below stops the scheduler: nothing is recorded without this runtime.
             Err(e) => tracing::error!(message = "Cannot start the results runtime.", error = %e),
         }

@@ -172,6 +172,14 @@ pub fn pool(config: &Config, max_size: usize) -> anyhow::Result<Pool> {
         .map_err(|e| bad(&e))
 }
 
+/// A fresh lock, fence or lease token: 128 random bits as 32 hex characters.
+/// From the thread's userspace RNG, not `Uuid::new_v4`, whose `getrandom`
+/// system call per token was one of the ~20 a task costs the worker, and one
+/// of the ~8 a result costs the scheduler.
+pub fn new_token() -> String {
+    crate::telemetry::random_hex(16)
+}
+
 /// Errors of the store: the pool (Redis unreachable) or a command.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

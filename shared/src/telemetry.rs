@@ -189,7 +189,9 @@ impl TraceParent {
     }
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes (never all zero, which W3C trace context forbids) as
+/// hex, from the thread's userspace RNG: no system call per id.
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     loop {
         rand::fill(&mut buf[..]);

@@ -63,7 +63,7 @@ impl Admission {
     /// unreachable the cap cannot be enforced; we fail the call as transient
     /// rather than overload the server blindly.
     pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Slot, GpuError> {
-        let token = uuid::Uuid::new_v4().simple().to_string();
+        let token = flota_shared::store::new_token();
         let mut wait = ADMISSION_FIRST_WAIT;
         loop {
             match self.store.admit_gpu(&token, self.cap, self.lease).await {

@@ -225,7 +225,7 @@ async fn run_claimed(
     attempt: u32,
     hand_back: &CancellationToken,
 ) -> Decision {
-    let token = uuid::Uuid::new_v4().simple().to_string();
+    let token = flota_shared::store::new_token();
     let lease = ctx.config.lock_lease;
     let locks = ctx.store.lock_set(&task.id, &task.lock_keys);
     let claim = match ctx
@@ -599,7 +599,7 @@ async fn report_new(
     dead_letter: Option<DeadLetter>,
     attempt: u32,
 ) -> Decision {
-    let token = uuid::Uuid::new_v4().simple().to_string();
+    let token = flota_shared::store::new_token();
     match ctx
         .store
         .claim(id, &[], &[], &token, ctx.config.lock_lease, &ctx.config.worker_id, result.kind.as_str())
