@@ -141,13 +141,49 @@ pub fn local_pids(workers: &[Value], host: &str) -> Vec<u32> {
         .collect()
 }
 
-async fn recorded(http: &reqwest::Client, api: &str) -> f64 {
-    let Ok(r) = http.get(format!("{api}/metrics")).send().await else { return 0.0 };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
+/// How long the scheduler may go without recording one more result before the
+/// bench gives up on it: it may have died, and a bench must fail, not hang.
+const RECORD_STALL: Duration = Duration::from_secs(60);
+
+/// The scheduler's count of recorded results, from its `/metrics`.
+async fn recorded(http: &reqwest::Client, api: &str) -> anyhow::Result<f64> {
+    let text = http.get(format!("{api}/metrics")).send().await?.error_for_status()?.text().await?;
+    Ok(text
+        .lines()
         .filter(|l| l.starts_with("flota_results_recorded_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .sum())
+}
+
+/// Poll until the scheduler has recorded `count` results; an error once it has
+/// recorded none more (or not answered) for `stall`.
+async fn wait_recorded(
+    http: &reqwest::Client,
+    api: &str,
+    count: f64,
+    every: Duration,
+    stall: Duration,
+) -> anyhow::Result<()> {
+    let (mut best, mut progressed) = (f64::NEG_INFINITY, Instant::now());
+    loop {
+        let now = recorded(http, api).await;
+        match &now {
+            Ok(seen) if *seen >= count => return Ok(()),
+            Ok(seen) if *seen > best => (best, progressed) = (*seen, Instant::now()),
+            _ if progressed.elapsed() >= stall => {
+                let last = match now {
+                    Ok(seen) => format!("it has recorded {seen} of {count}"),
+                    Err(e) => format!("it does not answer ({e})"),
+                };
+                anyhow::bail!(
+                    "the scheduler at {api} recorded no result for {} s; {last}: is it still running?",
+                    stall.as_secs()
+                );
+            }
+            _ => {}
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// One measured run of a fleet of `workers`, started for it and stopped after.
@@ -231,7 +267,7 @@ async fn workload(
     let (_conn, mut results) = tap(cfg, &cfg.prefix).await?;
     let mine = |id: &str, phase: &str| id.starts_with(&format!("{}-{phase}:", target.run));
     // What the scheduler had recorded before (a running fleet has a history).
-    let recorded_before = recorded(&http, &api).await;
+    let recorded_before = recorded(&http, &api).await?;
     // Warm-up, not measured.
     let warm = (n / 10).clamp(10, 500);
     let warm_tasks: Vec<_> = (0..warm).map(|i| task(i, &target.run, "warm", deliberate)).collect();
@@ -249,9 +285,8 @@ async fn workload(
             _ => anyhow::bail!("warm-up stalled"),
         }
     }
-    while recorded(&http, &api).await < recorded_before + warm as f64 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_recorded(&http, &api, recorded_before + warm as f64, Duration::from_millis(50), RECORD_STALL)
+        .await?;
     if let Some(gpu) = &target.gpu {
         let _ = http.post(format!("{gpu}/admin/reset")).send().await;
     }
@@ -293,9 +328,8 @@ async fn workload(
             _ => anyhow::bail!("stalled after {} of {n} results", got.len()),
         }
     }
-    while recorded(&http, &api).await < recorded_before + (warm + n) as f64 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let all = recorded_before + (warm + n) as f64;
+    wait_recorded(&http, &api, all, Duration::from_millis(20), RECORD_STALL).await?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
     let scheduler_cpu =
@@ -478,5 +512,35 @@ mod tests {
         ];
         assert_eq!(local_pids(&workers, "here"), [41, 43]);
         assert!(local_pids(&workers, "nowhere").is_empty());
+    }
+
+    /// A scheduler that serves `/metrics` with a fixed count of recorded results.
+    async fn scheduler_that_recorded(count: u32) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let body = format!(
+            "flota_results_recorded_total{{status=\"succeeded\"}} {count}\nflota_results_recorded_total{{status=\"failed\"}} 1\n"
+        );
+        let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { body }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    #[tokio::test]
+    async fn waiting_for_results_ends_when_they_are_recorded() {
+        let (http, api) = (reqwest::Client::new(), scheduler_that_recorded(4).await);
+        assert_eq!(recorded(&http, &api).await.unwrap(), 5.0);
+        wait_recorded(&http, &api, 5.0, Duration::from_millis(1), Duration::from_secs(3600)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn waiting_fails_instead_of_hanging_when_the_scheduler_stalls_or_is_gone() {
+        let (http, api) = (reqwest::Client::new(), scheduler_that_recorded(4).await);
+        let stalled = wait_recorded(&http, &api, 6.0, Duration::from_millis(1), Duration::ZERO).await;
+        assert!(stalled.unwrap_err().to_string().contains("recorded 5 of 6"));
+        // Nothing listens on port 1.
+        let gone =
+            wait_recorded(&http, "http://127.0.0.1:1", 1.0, Duration::from_millis(1), Duration::ZERO).await;
+        assert!(gone.unwrap_err().to_string().contains("does not answer"));
     }
 }
