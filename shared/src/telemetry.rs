@@ -58,7 +58,11 @@ fn install(
             .with_span_list(false)
             .with_writer(std::io::stderr)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        // Colours only on a terminal: a log file, journald or `docker logs` would keep the escapes.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     // `RUST_LOG` filters the log lines only; spans export at info whatever the log level.
     let otel = tracer.map(|t| {

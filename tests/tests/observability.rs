@@ -239,21 +239,29 @@ async fn heartbeats_come_and_go_with_the_worker() {
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_logs_carry_task_and_trace_ids() {
-    let env = TestEnv::new("jsonlog").await;
+/// A worker (on its own gpusim) whose stderr goes to `worker.log` in the
+/// test's log directory, with `vars` added to its environment.
+async fn worker_logging_to_a_file(
+    env: &TestEnv,
+    vars: &[(&str, &str)],
+) -> (procs::Proc, procs::Proc, std::path::PathBuf) {
     let gpu = procs::gpusim(&[]).await;
-    let dir = std::env::temp_dir().join(format!("flota-jsonlog-{}", env.prefix));
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join("worker.log");
+    let log = log_dir(env).join("worker.log");
     let mut worker_env = env.env();
     worker_env.push(("FLOTA_GPU_URL".into(), gpu.url()));
     worker_env.push(("FLOTA_METRICS_ADDR".into(), "127.0.0.1:0".into()));
-    worker_env.push(("FLOTA_LOG_FORMAT".into(), "json".into()));
-    // Debug: the GPU client's and the libraries' lines inside a task count too.
-    worker_env.push(("RUST_LOG".into(), "debug".into()));
+    worker_env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let worker =
         procs::Proc::start_with("flota-worker", &[], &worker_env, "ready", Some(&log)).await.unwrap();
+    (worker, gpu, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_task_and_trace_ids() {
+    let env = TestEnv::new("jsonlog").await;
+    // Debug: the GPU client's and the libraries' lines inside a task count too.
+    let (worker, _gpu, log) =
+        worker_logging_to_a_file(&env, &[("FLOTA_LOG_FORMAT", "json"), ("RUST_LOG", "debug")]).await;
     let mut tap = env.tap_results().await;
     let tp = TraceParent::new_root();
     let task = json!({"id": "logged", "kind": "deliberate", "input": {"role": "DEV", "task": "Plan it", "agents": 2}});
@@ -284,7 +292,29 @@ async fn json_logs_carry_task_and_trace_ids() {
         assert_eq!(l["span"]["name"], "consume", "{l}");
         assert_eq!(l["span"]["trace_id"], tp.trace_id.as_str(), "{l}");
     }
-    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(log_dir(&env));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_written_to_a_file_carry_no_colour_escapes() {
+    let env = TestEnv::new("plainlog").await;
+    let (worker, _gpu, log) = worker_logging_to_a_file(&env, &[("RUST_LOG", "info")]).await;
+    let mut tap = env.tap_results().await;
+    let task =
+        json!({"id": "plain", "kind": "interpret", "input": {"message": "Abrí un trabajo para la bomba 3"}});
+    env.publish_raw(
+        "interpret",
+        task.to_string().as_bytes(),
+        amqp::task_properties("plain", &TraceParent::new_root().header(), 0),
+    )
+    .await;
+    let _ = tap.next().await.unwrap();
+    assert_eq!(worker.terminate().await, Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("Task finished."), "the task's line is in the log: {text}");
+    assert!(!text.contains('\u{1b}'), "no ANSI escape codes in a log file: {text:?}");
+    let _ = std::fs::remove_dir_all(log_dir(&env));
     env.cleanup().await;
 }
 
