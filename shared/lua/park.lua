@@ -18,6 +18,9 @@ for i = 2, #KEYS do
   end
   local status = redis.call('HGET', KEYS[i], 'status')
   if status == 'failed' then
+    -- Kept so that replaying the dependency revives this task (revive.lua).
+    redis.call('SADD', tag .. ':failed_because:' .. dep, id)
+    redis.call('HSET', KEYS[1], 'parked_body', ARGV[3])
     return {'failed', dep}
   elseif status ~= 'succeeded' then
     table.insert(pending, dep)

@@ -52,6 +52,9 @@ for _, t in ipairs(dependents) do
         redis.call('HSET', tag .. ':task:' .. t, 'status', 'queued', 'updated_at', ARGV[3])
       else
         redis.call('HSET', tag .. ':failing', t, body)
+        -- Kept so that replaying this task revives the dependent (revive.lua).
+        redis.call('SADD', tag .. ':failed_because:' .. id, t)
+        redis.call('HSET', tag .. ':task:' .. t, 'parked_body', body)
       end
       table.insert(out, action)
       table.insert(out, t)

@@ -205,6 +205,7 @@ pub struct Scripts {
     pub admit: Script,
     pub wake: Script,
     pub reopen: Script,
+    pub revive: Script,
 }
 
 impl Default for Scripts {
@@ -222,6 +223,7 @@ impl Default for Scripts {
             admit: Script::new(include_str!("../lua/admit.lua")),
             wake: Script::new(include_str!("../lua/wake.lua")),
             reopen: Script::new(include_str!("../lua/reopen.lua")),
+            revive: Script::new(include_str!("../lua/revive.lua")),
         }
     }
 }
@@ -723,6 +725,23 @@ impl Store {
             "none" => Ok(Reopened::Nothing),
             _ => Err(StoreError::Reply("reopen")),
         }
+    }
+
+    /// After [`Store::reopen`] reopened `id`: reopen the tasks that failed with
+    /// `dependency_failed` because of it (transitively) and hand them to the
+    /// scheduler to republish; they park on `id` again. Returns their ids.
+    pub async fn revive_dependents(&self, id: &str) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn().await?;
+        let revived: Vec<String> = self
+            .scripts
+            .revive
+            .key(self.keys.task(id))
+            .arg(self.keys.tag())
+            .arg(id)
+            .arg(crate::envelope::now_rfc3339())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(revived)
     }
 
     /// Attempts / applies / fenced / replays counters of a task's ledger.

@@ -69,6 +69,17 @@ async fn failing_fleet(env: &TestEnv, max_attempts: u32) -> (procs::Proc, procs:
     (gpu, scheduler, worker)
 }
 
+/// Stop gpusim's injected errors: the GPU is back.
+async fn heal(gpu: &procs::Proc) {
+    let healed = reqwest::Client::new()
+        .post(format!("{}/admin/faults", gpu.url()))
+        .json(&json!({"error_rate": 0.0}))
+        .send()
+        .await
+        .expect("gpusim admin");
+    assert_eq!(healed.status(), 200);
+}
+
 /// `GET /v1/tasks/{id}`, `None` while unknown or unreachable.
 async fn task_view(http: &reqwest::Client, api: &str, id: &str) -> Option<Value> {
     let resp = http.get(format!("{api}/v1/tasks/{id}")).send().await.ok()?;
@@ -315,13 +326,7 @@ async fn replaying_a_task_whose_attempts_ran_out_runs_it_again() {
     wait_recorded(&scheduler.url(), 1, 1).await;
 
     // The GPU is back; the operator replays.
-    let healed = reqwest::Client::new()
-        .post(format!("{}/admin/faults", gpu.url()))
-        .json(&json!({"error_rate": 0.0}))
-        .send()
-        .await
-        .expect("gpusim admin");
-    assert_eq!(healed.status(), 200);
+    heal(&gpu).await;
     let (code, out, err) = flotactl(&env, &["dlq", "replay", "rx-1"]).await;
     assert_eq!(code, Some(0), "{out} {err}");
     assert!(out.contains("replayed 1"), "{out} {err}");
@@ -553,5 +558,53 @@ async fn black_holed_and_slow_connections_lose_and_double_nothing() {
     each_applied_once(&env, &ids).await;
     wait_recorded(&scheduler.url(), n as u64, n as u64).await;
     nothing_dead(&env).await;
+    env.cleanup().await;
+}
+
+/// Replaying a failed task brings back the tasks that failed only because it
+/// did: those parked on it when it failed (failed by the scheduler), one that
+/// arrived after (failed when it tried to park), and, transitively, a task
+/// parked on one of those. Each runs again, once, after the replayed task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_failed_dependency_revives_the_tasks_that_failed_with_it() {
+    let env = TestEnv::new("revive").await;
+    let (gpu, scheduler, _worker) = failing_fleet(&env, 1).await;
+    let (http, api) = (reqwest::Client::new(), scheduler.url());
+    let waiting_on = |id: &str, dep: &str| {
+        let mut task = interp(id);
+        task["depends_on"] = json!([dep]);
+        task
+    };
+    env.publish_task(&waiting_on("rv-2", "rv-1")).await;
+    env.publish_task(&waiting_on("rv-3", "rv-2")).await;
+    eventually("rv-2 and rv-3 parked", || async { env.store.parked_count().await.unwrap_or(0) == 2 }).await;
+    env.publish_task(&interp("rv-1")).await;
+    for id in ["rv-1", "rv-2", "rv-3"] {
+        assert_eq!(final_view(&http, &api, id).await["status"], "failed", "{id}");
+    }
+    env.publish_task(&waiting_on("rv-4", "rv-1")).await;
+    let late = final_view(&http, &api, "rv-4").await;
+    assert_eq!(late["result"]["error"]["code"], "dependency_failed", "{late}");
+    eventually("rv-1 dead-lettered", || async { env.queue_depth(&env.topo.dead_queue()).await == 1 }).await;
+
+    heal(&gpu).await;
+    let (code, out, err) = flotactl(&env, &["dlq", "replay", "rv-1"]).await;
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("replayed 1"), "{out} {err}");
+    for id in ["rv-2", "rv-3", "rv-4"] {
+        assert!(err.contains(id), "the operator is told {id} runs again: {err}");
+    }
+    for id in ["rv-1", "rv-2", "rv-3", "rv-4"] {
+        eventually(&format!("{id} succeeds on the replay"), || async {
+            task_view(&http, &api, id).await.is_some_and(|v| v["status"] == "succeeded")
+        })
+        .await;
+        let ledger = env.store.ledger(id).await.expect("ledger");
+        assert_eq!(ledger.replays, 1, "{id}: reopened once: {ledger:?}");
+    }
+    // Nothing is left to revive: a second replay of the (now empty) queue does nothing.
+    let (code, out, err) = flotactl(&env, &["dlq", "replay", "--all"]).await;
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("replayed 0"), "{out} {err}");
     env.cleanup().await;
 }

@@ -283,6 +283,9 @@ async fn run(cli: Cli, config: config::Config) -> anyhow::Result<ExitCode> {
                     let done = dlq::walk(&config, dlq::Action::Replay(id.as_deref(), &store)).await?;
                     let replayed = done.iter().filter(|d| d.get("replayed").is_none()).count();
                     println!("replayed {replayed}");
+                    for d in done.iter().filter(|d| d.get("revived").is_some()) {
+                        eprintln!("{} runs again with its failed dependents: {}", d["id"], d["revived"]);
+                    }
                     for d in done.iter().filter(|d| d["rerun"] == false) {
                         eprintln!("{} had succeeded: its result is re-reported, not run again", d["id"]);
                     }

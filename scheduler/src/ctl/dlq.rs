@@ -73,6 +73,12 @@ pub async fn walk(config: &Config, action: Action<'_>) -> anyhow::Result<Vec<Val
                         Some(id) => store.reopen(id).await?,
                         None => Reopened::Nothing,
                     };
+                    // The tasks that failed only because this one did run again with it:
+                    // the scheduler republishes them, and they wait for this one.
+                    let revived = match (id.as_deref(), &reopened) {
+                        (Some(id), Reopened::Reopened) => store.revive_dependents(id).await?,
+                        _ => Vec::new(),
+                    };
                     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
                     // A replay starts its attempts afresh.
                     headers.insert(ShortString::from(amqp::HEADER_ATTEMPT), AMQPValue::LongInt(0));
@@ -81,6 +87,9 @@ pub async fn walk(config: &Config, action: Action<'_>) -> anyhow::Result<Vec<Val
                     delivery.acker.ack(BasicAckOptions::default()).await?;
                     let mut info = info;
                     info["rerun"] = json!(reopened != Reopened::Kept);
+                    if !revived.is_empty() {
+                        info["revived"] = json!(revived);
+                    }
                     seen.push(info);
                     continue;
                 }
