@@ -978,7 +978,8 @@ pub struct Ledger {
     /// Results stored: one per run, so `replays + 1` at most.
     pub applies: u64,
     pub fenced: u64,
-    /// Operator replays that reopened a failed task (`flotactl dlq replay`).
+    /// Operator replays that reopened a failed task (`flotactl dlq replay`), or
+    /// revived it with the failed dependency it waited on.
     pub replays: u64,
 }
 

@@ -567,7 +567,19 @@ async fn black_holed_and_slow_connections_lose_and_double_nothing() {
 /// parked on one of those. Each runs again, once, after the replayed task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_a_failed_dependency_revives_the_tasks_that_failed_with_it() {
-    let env = TestEnv::new("revive").await;
+    replay_revives_dependents("revive", false).await;
+}
+
+/// The same after a replay that stopped between reopening the task and
+/// reviving its dependents (the task is reopened, its dependents still failed,
+/// its dead letter still there): the next replay revives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_cut_short_before_reviving_is_finished_by_the_next() {
+    replay_revives_dependents("revive-cut", true).await;
+}
+
+async fn replay_revives_dependents(name: &str, cut_short: bool) {
+    let env = TestEnv::new(name).await;
     let (gpu, scheduler, _worker) = failing_fleet(&env, 1).await;
     let (http, api) = (reqwest::Client::new(), scheduler.url());
     let waiting_on = |id: &str, dep: &str| {
@@ -588,6 +600,9 @@ async fn replaying_a_failed_dependency_revives_the_tasks_that_failed_with_it() {
     eventually("rv-1 dead-lettered", || async { env.queue_depth(&env.topo.dead_queue()).await == 1 }).await;
 
     heal(&gpu).await;
+    if cut_short {
+        assert_eq!(env.store.reopen("rv-1").await.expect("reopen"), flota_shared::store::Reopened::Reopened);
+    }
     let (code, out, err) = flotactl(&env, &["dlq", "replay", "rv-1"]).await;
     assert_eq!(code, Some(0), "{out} {err}");
     assert!(out.contains("replayed 1"), "{out} {err}");

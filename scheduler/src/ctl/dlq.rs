@@ -74,9 +74,13 @@ pub async fn walk(config: &Config, action: Action<'_>) -> anyhow::Result<Vec<Val
                         None => Reopened::Nothing,
                     };
                     // The tasks that failed only because this one did run again with it:
-                    // the scheduler republishes them, and they wait for this one.
+                    // the scheduler republishes them, and they wait for this one. Also when
+                    // nothing was stored: an earlier replay may have reopened it and stopped
+                    // before reviving them.
                     let revived = match (id.as_deref(), &reopened) {
-                        (Some(id), Reopened::Reopened) => store.revive_dependents(id).await?,
+                        (Some(id), Reopened::Reopened | Reopened::Nothing) => {
+                            store.revive_dependents(id).await?
+                        }
                         _ => Vec::new(),
                     };
                     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
