@@ -20,7 +20,7 @@ for i = 2, #KEYS do
   if status == 'failed' then
     -- Kept so that replaying the dependency revives this task (revive.lua).
     redis.call('SADD', tag .. ':failed_because:' .. dep, id)
-    redis.call('HSET', KEYS[1], 'parked_body', ARGV[3])
+    redis.call('HSET', KEYS[1], 'parked_body', ARGV[3], 'failed_because', dep)
     return {'failed', dep}
   elseif status ~= 'succeeded' then
     table.insert(pending, dep)

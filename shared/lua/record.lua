@@ -4,7 +4,8 @@
 -- until the scheduler has republished / reported them (crash-safe hand-off).
 -- KEYS[1] task hash
 -- ARGV[1] status, ARGV[2] result json, ARGV[3] now, ARGV[4] record token (one per delivery),
--- ARGV[5] key tag, ARGV[6] task id
+-- ARGV[5] key tag, ARGV[6] task id, ARGV[7] how long to keep the task's state
+-- once recorded, in ms (0 = for ever)
 -- Returns {first, 'release'|'fail', id, body, ...}: first is 1 when this is the
 -- first record of the task's result, 0 for a duplicate. A retry with the same
 -- token (its first reply was lost with the connection) gets 1 again, so "first"
@@ -24,6 +25,19 @@ end
 
 local out = {first}
 local tag, id = ARGV[5], ARGV[6]
+-- Retention: from its record on, the task's state lives ARGV[7] ms more (renewed by a
+-- re-record after a replay). The failed_because sets go with the last task that
+-- names them (revive.lua cannot revive a task whose state is gone anyway).
+local keep = tonumber(ARGV[7]) or 0
+if keep > 0 then
+  redis.call('PEXPIRE', KEYS[1], keep)
+  redis.call('PEXPIRE', tag .. ':ledger:' .. id, keep)
+  redis.call('PEXPIRE', tag .. ':failed_because:' .. id, keep)
+  local because = redis.call('HGET', KEYS[1], 'failed_because')
+  if because then
+    redis.call('PEXPIRE', tag .. ':failed_because:' .. because, keep)
+  end
+end
 -- The recorded status decides, not this delivery's (they agree unless a producer forged one).
 local status = redis.call('HGET', KEYS[1], 'status')
 local dependents_key = tag .. ':dependents:' .. id
@@ -54,7 +68,10 @@ for _, t in ipairs(dependents) do
         redis.call('HSET', tag .. ':failing', t, body)
         -- Kept so that replaying this task revives the dependent (revive.lua).
         redis.call('SADD', tag .. ':failed_because:' .. id, t)
-        redis.call('HSET', tag .. ':task:' .. t, 'parked_body', body)
+        redis.call('HSET', tag .. ':task:' .. t, 'parked_body', body, 'failed_because', id)
+        if keep > 0 then
+          redis.call('PEXPIRE', tag .. ':failed_because:' .. id, keep)
+        end
       end
       table.insert(out, action)
       table.insert(out, t)

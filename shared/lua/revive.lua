@@ -23,7 +23,7 @@ while #queue > 0 do
         redis.call('HSET', task, 'previous_result', result)
       end
       redis.call('HSET', task, 'status', 'queued', 'updated_at', ARGV[3])
-      redis.call('HDEL', task, 'result', 'recorded', 'recorded_by', 'parked_body')
+      redis.call('HDEL', task, 'result', 'recorded', 'recorded_by', 'parked_body', 'failed_because')
       redis.call('HINCRBY', tag .. ':ledger:' .. t, 'replays', 1)
       redis.call('HSET', tag .. ':releasing', t, body)
       redis.call('SREM', because, t)

@@ -47,6 +47,9 @@ pub const ENV_LOCK_LEASE_MS: &str = "FLOTA_LOCK_LEASE_MS";
 pub const DEFAULT_LOCK_LEASE_MS: u64 = 30_000;
 pub const ENV_DEPENDENCY_TIMEOUT_MS: &str = "FLOTA_DEPENDENCY_TIMEOUT_MS";
 pub const DEFAULT_DEPENDENCY_TIMEOUT_MS: u64 = 60 * 60 * 1000;
+pub const ENV_RESULT_TTL_MS: &str = "FLOTA_RESULT_TTL_MS";
+/// A recorded task's state is kept a week by default (0 = for ever).
+pub const DEFAULT_RESULT_TTL_MS: u64 = 7 * 24 * 3_600_000;
 pub const ENV_WORKER_ID: &str = "FLOTA_WORKER_ID";
 pub const ENV_TLS_CA_FILE: &str = "FLOTA_TLS_CA_FILE";
 pub const ENV_TLS_CERT_FILE: &str = "FLOTA_TLS_CERT_FILE";
@@ -87,6 +90,9 @@ pub struct Config {
     pub delivery_limit: u32,
     pub lock_lease: Duration,
     pub dependency_timeout: Duration,
+    /// How long the scheduler keeps a task's state once its result is recorded;
+    /// `None` = for ever (`FLOTA_RESULT_TTL_MS=0`).
+    pub result_ttl: Option<Duration>,
     pub worker_id: String,
     pub tls_ca_file: Option<String>,
     pub tls_cert_file: Option<String>,
@@ -199,6 +205,10 @@ impl Config {
             1,
             30 * 24 * 3_600_000,
         ));
+        let result_ttl = match secs(ENV_RESULT_TTL_MS, DEFAULT_RESULT_TTL_MS, 0, 10 * 365 * 24 * 3_600_000) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
         let worker_id = get(ENV_WORKER_ID)
             .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
         if !crate::envelope::is_valid_id(&worker_id) {
@@ -259,6 +269,7 @@ impl Config {
             delivery_limit,
             lock_lease,
             dependency_timeout,
+            result_ttl,
             worker_id,
             tls_ca_file,
             tls_cert_file,
@@ -345,6 +356,15 @@ mod tests {
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert!(c.api_token.is_none() && c.gpu_api_key.is_none() && c.gpu_max_inflight.is_none());
+        assert_eq!(c.result_ttl, Some(Duration::from_secs(7 * 24 * 3600)));
+    }
+
+    #[test]
+    fn result_ttl_zero_keeps_state_for_ever_and_nonsense_is_refused() {
+        assert_eq!(cfg(&[(ENV_RESULT_TTL_MS, "0")]).unwrap().result_ttl, None);
+        assert_eq!(cfg(&[(ENV_RESULT_TTL_MS, "60000")]).unwrap().result_ttl, Some(Duration::from_secs(60)));
+        let e = cfg(&[(ENV_RESULT_TTL_MS, "a week")]).unwrap_err();
+        assert!(e.0.iter().any(|(v, _)| v == ENV_RESULT_TTL_MS), "{e}");
     }
 
     #[test]

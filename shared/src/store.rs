@@ -636,12 +636,15 @@ impl Store {
     /// fails, in one step. `first` is `true` the first time for this id; retries
     /// of one delivery pass the same `token`, so a lost reply does not turn the
     /// first record into a "duplicate".
+    /// Record `id`'s result once (see `record.lua`); from the first record its
+    /// state expires after `keep` (`None`: kept for ever).
     pub async fn record(
         &self,
         id: &str,
         status: &str,
         result_json: &str,
         token: &str,
+        keep: Option<Duration>,
     ) -> Result<Recorded, StoreError> {
         let mut c = self.conn().await?;
         let flat: Vec<String> = self
@@ -654,6 +657,7 @@ impl Store {
             .arg(token)
             .arg(self.keys.tag())
             .arg(id)
+            .arg(keep.map_or(0, |d| d.as_millis() as u64))
             .invoke_async(&mut c)
             .await?;
         let Some((first, handoffs)) = flat.split_first() else { return Err(StoreError::Reply("record")) };

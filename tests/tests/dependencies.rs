@@ -134,3 +134,44 @@ async fn cycles_are_refused_at_submit_and_caught_at_run_time() {
     assert!(scheduled.values().all(|s| *s == Status::Failed));
     env.cleanup().await;
 }
+
+/// `PTTL` of a key: -1 when it never expires, -2 when it is gone.
+async fn pttl(env: &TestEnv, key: &str) -> i64 {
+    let mut c = env.store.conn().await.expect("redis");
+    redis::cmd("PTTL").arg(key).query_async(&mut c).await.expect("PTTL")
+}
+
+/// Recorded state does not pile up in Redis: from its record on, a task's hash
+/// and ledger live `FLOTA_RESULT_TTL_MS` more (a week by default), and so does
+/// the note of which dependents failed with it; with 0 they are kept for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_state_is_kept_for_the_retention_then_expires() {
+    let hour: i64 = 3_600_000;
+    let week: i64 = 7 * 24 * hour;
+    for (name, setting, limit) in
+        [("keep-default", None, week), ("keep-hour", Some("3600000"), hour), ("keep-all", Some("0"), -1)]
+    {
+        let env = TestEnv::new(name).await;
+        let gpu = procs::gpusim(&["--max-context-chars", "3000"]).await;
+        let mut vars = env.env();
+        vars.extend(setting.map(|ms| ("FLOTA_RESULT_TTL_MS".to_string(), ms.to_string())));
+        let scheduler = procs::scheduler(&vars, &[]).await;
+        let worker = procs::worker(&env.env(), &gpu.url(), &[]).await;
+        // `after` parks on `root`, which fails (too long for gpusim's window), so it fails with it.
+        env.publish_task(&interp("after", &["root".into()], "Abrí un trabajo para pintar")).await;
+        env.publish_task(&interp("root", &[], &"revisar la bomba ".repeat(300))).await;
+        flota_tests::wait_recorded(&scheduler.url(), 2, 2).await;
+        let keys = &env.store.keys;
+        let because = format!("{}:failed_because:root", keys.tag());
+        for key in [keys.task("root"), keys.ledger("root"), keys.task("after"), because] {
+            let left = pttl(&env, &key).await;
+            if limit < 0 {
+                assert_eq!(left, -1, "{name}: {key} is kept for ever");
+            } else {
+                assert!(left > 0 && left <= limit, "{name}: {key} expires within {limit} ms, has {left}");
+            }
+        }
+        drop((worker, scheduler, gpu));
+        env.cleanup().await;
+    }
+}
