@@ -326,11 +326,7 @@ async fn record(
     let mut delay = RECORD_BACKOFF_FIRST;
     let mut attempt = 1;
     loop {
-        match state
-            .store
-            .record(&result.id, result.status.as_str(), &body, &token, state.config.result_ttl)
-            .await
-        {
+        match state.store.record(&result.id, result.status.as_str(), &body, &token).await {
             Ok(recorded) => return Ok(recorded),
             Err(e) if attempt >= RECORD_ATTEMPTS || shutdown.is_cancelled() => return Err(e),
             Err(e) => {

@@ -40,6 +40,8 @@ impl AppState {
     }
 
     fn assemble(config: Config, store: Store, metrics: Arc<Metrics>, activity: Arc<Activity>) -> AppState {
+        // The scheduler records results and plans: it is the one that sets how long they stay.
+        let store = store.with_retention(config.result_ttl);
         let broker = Broker::new(&config);
         let deps =
             Dependencies { store: store.clone(), broker: broker.clone(), topo: broker.topology().clone() };

@@ -254,6 +254,8 @@ pub struct Store {
     pub keys: Keys,
     scripts: Arc<Scripts>,
     shared: Arc<SharedConn>,
+    /// How long recorded state is kept ([`Store::with_retention`]); `None`: for ever.
+    retention: Option<Duration>,
 }
 
 /// One multiplexed connection that every task of the process shares, taken
@@ -347,7 +349,15 @@ impl Store {
             keys: Keys::new(prefix),
             scripts: Arc::new(Scripts::default()),
             shared: Arc::new(SharedConn::default()),
+            retention: None,
         }
+    }
+
+    /// Recorded tasks (`record`) and plans (`put_plan`, `claim_plan_event`)
+    /// expire after `keep` (`FLOTA_RESULT_TTL_MS`); `None` keeps them for ever.
+    pub fn with_retention(mut self, keep: Option<Duration>) -> Store {
+        self.retention = keep;
+        self
     }
 
     /// The process's shared Redis connection (made through the pool, with its
@@ -636,15 +646,14 @@ impl Store {
     /// fails, in one step. `first` is `true` the first time for this id; retries
     /// of one delivery pass the same `token`, so a lost reply does not turn the
     /// first record into a "duplicate".
-    /// Record `id`'s result once (see `record.lua`); from the first record its
-    /// state expires after `keep` (`None`: kept for ever).
+    /// Record `id`'s result once (see `record.lua`); from then on its state
+    /// lives as long as the retention says.
     pub async fn record(
         &self,
         id: &str,
         status: &str,
         result_json: &str,
         token: &str,
-        keep: Option<Duration>,
     ) -> Result<Recorded, StoreError> {
         let mut c = self.conn().await?;
         let flat: Vec<String> = self
@@ -657,7 +666,7 @@ impl Store {
             .arg(token)
             .arg(self.keys.tag())
             .arg(id)
-            .arg(keep.map_or(0, |d| d.as_millis() as u64))
+            .arg(self.retention.map_or(0, |d| d.as_millis() as u64))
             .invoke_async(&mut c)
             .await?;
         let Some((first, handoffs)) = flat.split_first() else { return Err(StoreError::Reply("record")) };
@@ -839,11 +848,16 @@ impl Store {
         Ok(())
     }
 
-    /// Store a plan unless known; `true` when new.
+    /// Store a plan unless known (kept as long as the retention says); `true` when new.
     pub async fn put_plan(&self, id: &str, body: &str) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
-        let n: i64 = redis::cmd("SETNX").arg(self.keys.plan(id)).arg(body).query_async(&mut c).await?;
-        Ok(n == 1)
+        let mut set = redis::cmd("SET");
+        set.arg(self.keys.plan(id)).arg(body).arg("NX");
+        if let Some(keep) = self.retention {
+            set.arg("PX").arg(keep.as_millis() as u64);
+        }
+        let stored: Option<String> = set.query_async(&mut c).await?;
+        Ok(stored.is_some())
     }
 
     pub async fn plan(&self, id: &str) -> Result<Option<String>, StoreError> {
@@ -852,10 +866,16 @@ impl Store {
     }
 
     /// Claim the right to publish one plan event once; `true` for the first caller.
+    /// The claims are kept as long as the retention says after the last one.
     pub async fn claim_plan_event(&self, id: &str, field: &str) -> Result<bool, StoreError> {
         let mut c = self.conn().await?;
-        let n: i64 =
-            redis::cmd("HSETNX").arg(self.keys.plan_events(id)).arg(field).arg(1).query_async(&mut c).await?;
+        let key = self.keys.plan_events(id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSETNX").arg(&key).arg(field).arg(1);
+        if let Some(keep) = self.retention {
+            pipe.cmd("PEXPIRE").arg(&key).arg(keep.as_millis() as u64).ignore();
+        }
+        let (n,): (i64,) = pipe.query_async(&mut c).await?;
         Ok(n == 1)
     }
 

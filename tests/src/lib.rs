@@ -131,6 +131,12 @@ impl TestEnv {
         ResultTap { _channel: channel, consumer }
     }
 
+    /// `PTTL` of a Redis key: -1 when it never expires, -2 when it is gone.
+    pub async fn pttl(&self, key: &str) -> i64 {
+        let mut c = self.store.conn().await.expect("redis");
+        redis::cmd("PTTL").arg(key).query_async(&mut c).await.expect("PTTL")
+    }
+
     /// Messages currently in a queue (passive declare).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let channel = self.conn.create_channel().await.expect("channel");

@@ -232,6 +232,15 @@ async fn a_plans_status_shows_each_roles_progress_and_winner() {
         assert!(out.winner.starts_with(role));
         assert_eq!(entry["score"].as_f64(), Some(out.proposals[0].score), "{view}");
     }
+    // The plan and its event claims are kept for the retention (a week by default), not for ever.
+    let week = 7 * 24 * 3_600_000;
+    for key in [env.store.keys.plan("p-9"), env.store.keys.plan_events("p-9")] {
+        eventually(&format!("{key} expires within a week"), || async {
+            let left = env.pttl(&key).await;
+            left > 0 && left <= week
+        })
+        .await;
+    }
     env.cleanup().await;
 }
 

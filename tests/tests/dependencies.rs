@@ -135,15 +135,10 @@ async fn cycles_are_refused_at_submit_and_caught_at_run_time() {
     env.cleanup().await;
 }
 
-/// `PTTL` of a key: -1 when it never expires, -2 when it is gone.
-async fn pttl(env: &TestEnv, key: &str) -> i64 {
-    let mut c = env.store.conn().await.expect("redis");
-    redis::cmd("PTTL").arg(key).query_async(&mut c).await.expect("PTTL")
-}
-
 /// Recorded state does not pile up in Redis: from its record on, a task's hash
 /// and ledger live `FLOTA_RESULT_TTL_MS` more (a week by default), and so does
-/// the note of which dependents failed with it; with 0 they are kept for ever.
+/// the note of which dependents failed with it (plans: `councils_plans.rs`);
+/// with 0 they are kept for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recorded_state_is_kept_for_the_retention_then_expires() {
     let hour: i64 = 3_600_000;
@@ -164,7 +159,7 @@ async fn recorded_state_is_kept_for_the_retention_then_expires() {
         let keys = &env.store.keys;
         let because = format!("{}:failed_because:root", keys.tag());
         for key in [keys.task("root"), keys.ledger("root"), keys.task("after"), because] {
-            let left = pttl(&env, &key).await;
+            let left = env.pttl(&key).await;
             if limit < 0 {
                 assert_eq!(left, -1, "{name}: {key} is kept for ever");
             } else {
