@@ -25,21 +25,20 @@ end
 
 local out = {first}
 local tag, id = ARGV[5], ARGV[6]
+-- The recorded status decides, not this delivery's (they agree unless a producer forged one).
+local status = redis.call('HGET', KEYS[1], 'status')
 -- Retention: from its record on, the task's state lives ARGV[7] ms more (renewed by a
--- re-record after a replay). The failed_because sets go with the last task that
--- names them (revive.lua cannot revive a task whose state is gone anyway).
+-- re-record after a replay). A failed_because set goes with the last failed dependent
+-- that names it (revive.lua cannot revive a task whose state is gone anyway).
 local keep = tonumber(ARGV[7]) or 0
 if keep > 0 then
   redis.call('PEXPIRE', KEYS[1], keep)
   redis.call('PEXPIRE', tag .. ':ledger:' .. id, keep)
-  redis.call('PEXPIRE', tag .. ':failed_because:' .. id, keep)
-  local because = redis.call('HGET', KEYS[1], 'failed_because')
+  local because = status == 'failed' and redis.call('HGET', KEYS[1], 'failed_because')
   if because then
     redis.call('PEXPIRE', tag .. ':failed_because:' .. because, keep)
   end
 end
--- The recorded status decides, not this delivery's (they agree unless a producer forged one).
-local status = redis.call('HGET', KEYS[1], 'status')
 local dependents_key = tag .. ':dependents:' .. id
 local dependents = redis.call('SMEMBERS', dependents_key)
 if #dependents == 0 then

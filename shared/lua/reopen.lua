@@ -12,7 +12,5 @@ end
 if redis.call('HGET', KEYS[1], 'status') ~= 'failed' then
   return 'kept'
 end
-redis.call('HSET', KEYS[1], 'previous_result', result, 'status', 'queued', 'updated_at', ARGV[1])
-redis.call('HDEL', KEYS[1], 'result', 'recorded', 'recorded_by')
-redis.call('HINCRBY', KEYS[2], 'replays', 1)
+reopen_failed(KEYS[1], KEYS[2], result, ARGV[1])
 return 'reopened'

@@ -1,6 +1,6 @@
 -- After an operator's replay reopened a failed task (reopen.lua): the tasks
 -- that failed with `dependency_failed` because of it, and transitively the
--- ones that failed because of those, are reopened the same way and handed to
+-- ones that failed because of those, are reopened as reopen.lua does and handed to
 -- the scheduler's `releasing` hash, which republishes them (crash-safe, as
 -- any release). Republished, each parks again on the dependency that now runs.
 -- A dependent whose failure is not stored yet (the worker was reporting it as
@@ -16,15 +16,10 @@ while #queue > 0 do
   for _, t in ipairs(redis.call('SMEMBERS', because)) do
     local task = tag .. ':task:' .. t
     local body = redis.call('HGET', task, 'parked_body')
-    if not seen[t] and body and redis.call('HGET', task, 'status') == 'failed' then
+    local result = redis.call('HGET', task, 'result')
+    if not seen[t] and body and result and redis.call('HGET', task, 'status') == 'failed' then
       seen[t] = true
-      local result = redis.call('HGET', task, 'result')
-      if result then
-        redis.call('HSET', task, 'previous_result', result)
-      end
-      redis.call('HSET', task, 'status', 'queued', 'updated_at', ARGV[3])
-      redis.call('HDEL', task, 'result', 'recorded', 'recorded_by', 'parked_body', 'failed_because')
-      redis.call('HINCRBY', tag .. ':ledger:' .. t, 'replays', 1)
+      reopen_failed(task, tag .. ':ledger:' .. t, result, ARGV[3])
       redis.call('HSET', tag .. ':releasing', t, body)
       redis.call('SREM', because, t)
       table.insert(revived, t)

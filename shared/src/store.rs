@@ -208,6 +208,9 @@ pub struct Scripts {
     pub revive: Script,
 }
 
+/// The reopening that `reopen.lua` and `revive.lua` share (a Lua function).
+const REOPEN_FAILED: &str = include_str!("../lua/reopen_failed.lua");
+
 impl Default for Scripts {
     fn default() -> Self {
         Scripts {
@@ -222,8 +225,8 @@ impl Default for Scripts {
             store_result: Script::new(include_str!("../lua/store_result.lua")),
             admit: Script::new(include_str!("../lua/admit.lua")),
             wake: Script::new(include_str!("../lua/wake.lua")),
-            reopen: Script::new(include_str!("../lua/reopen.lua")),
-            revive: Script::new(include_str!("../lua/revive.lua")),
+            reopen: Script::new(&[REOPEN_FAILED, include_str!("../lua/reopen.lua")].concat()),
+            revive: Script::new(&[REOPEN_FAILED, include_str!("../lua/revive.lua")].concat()),
         }
     }
 }
@@ -645,9 +648,8 @@ impl Store {
     /// Record a result once per id and take the dependents it releases or
     /// fails, in one step. `first` is `true` the first time for this id; retries
     /// of one delivery pass the same `token`, so a lost reply does not turn the
-    /// first record into a "duplicate".
-    /// Record `id`'s result once (see `record.lua`); from then on its state
-    /// lives as long as the retention says.
+    /// first record into a "duplicate". From then on the task's state lives as
+    /// long as the retention says.
     pub async fn record(
         &self,
         id: &str,
