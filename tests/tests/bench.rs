@@ -24,8 +24,17 @@ fn bench(scenario: &str, n: &str, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn every_scenario_runs_and_writes_json() {
-    let overhead = bench("overhead", "100", &["--ceiling"]);
-    assert!(overhead[0]["tasks_per_s"].is_number() && overhead[0]["ceiling_tasks_per_s"].is_number());
+    // Repeated: each run beside its own ceiling (the second with the ceiling first), then medians.
+    let overhead = bench("overhead", "100", &["--ceiling", "--repeat", "2"]);
+    let rows = overhead.as_array().expect("an array of rows");
+    assert_eq!(rows.len(), 3, "{overhead}");
+    for (i, row) in rows[..2].iter().enumerate() {
+        assert_eq!(row["run"], i + 1, "{row}");
+        assert!(row["tasks_per_s"].is_number() && row["ceiling_tasks_per_s"].is_number(), "{row}");
+        assert!(row["ratio_cpu_per_task"].is_number() && row.get("summary").is_none(), "{row}");
+    }
+    assert_eq!(rows[2]["summary"], "median of 2 runs", "{overhead}");
+    assert!(rows[2]["ratio_tasks_per_s"].is_number() && rows[2]["cpu_s_per_1000"].is_number());
     assert!(bench("gpu-bound", "60", &[])[0]["gpu_utilisation"].is_number());
     assert!(bench("deliberation", "6", &[])[0]["p50_ms"].is_number());
     assert_eq!(bench("scale", "40", &[]).as_array().unwrap().len(), 3);

@@ -79,6 +79,11 @@ enum Command {
         /// Also run the minimal lapin loop and print ratios.
         #[arg(long)]
         ceiling: bool,
+        /// Measure this many times (Flota and the ceiling alternating which goes
+        /// first) and add a row of medians: one pair of runs on a shared machine
+        /// can be off by a third.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+        repeat: u16,
         /// Write the figures as JSON here.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -341,9 +346,29 @@ async fn run(cli: Cli, config: config::Config) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(e),
             }
         }
-        Command::Bench { scenario, n, concurrency, workers, ceiling, json, api, gpu, scheduler_pid } => {
+        Command::Bench {
+            scenario,
+            n,
+            concurrency,
+            workers,
+            ceiling,
+            repeat,
+            json,
+            api,
+            gpu,
+            scheduler_pid,
+        } => {
             let attach = api.map(|api| bench::Attach { api, gpu, scheduler_pid });
-            let opts = bench::Options { scenario, n, concurrency, workers, ceiling, json, attach };
+            let opts = bench::Options {
+                scenario,
+                n,
+                concurrency,
+                workers,
+                ceiling,
+                repeat: repeat.into(),
+                json,
+                attach,
+            };
             tokio::select! {
                 r = bench::run(&config, opts) => { r?; Ok(ExitCode::SUCCESS) }
                 _ = tokio::signal::ctrl_c() => Ok(ExitCode::from(130)),

@@ -36,6 +36,9 @@ pub struct Options {
     pub concurrency: u16,
     pub workers: usize,
     pub ceiling: bool,
+    /// Measure each fleet size this many times (with `ceiling`, Flota and the
+    /// ceiling alternate which goes first) and add a row of medians.
+    pub repeat: usize,
     pub json: Option<std::path::PathBuf>,
     /// Measure a fleet that is already running (its scheduler's API) instead of starting one.
     pub attach: Option<Attach>,
@@ -66,6 +69,11 @@ struct Target {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Figures {
     pub scenario: String,
+    /// Which of the `--repeat` runs this is (from 1); 0 on the row of medians.
+    pub run: usize,
+    /// `Some("median of N runs")` on the row that summarises repeated runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
     pub workers: usize,
     pub concurrency: u16,
     pub tasks: usize,
@@ -346,6 +354,7 @@ async fn workload(
     submit_ms.sort_by(f64::total_cmp);
     Ok(Figures {
         scenario: format!("{scenario:?}"),
+        run: 1,
         workers,
         concurrency,
         tasks: n,
@@ -412,38 +421,137 @@ pub async fn run(config: &Config, opts: Options) -> anyhow::Result<Vec<Figures>>
             "bench {:?}: {} tasks against the running fleet at {} …",
             opts.scenario, opts.n, attach.api
         );
-        let all = vec![measure_running(config, attach, opts.scenario, opts.n).await?];
+        let repeat = opts.repeat.max(1);
+        let mut all = Vec::with_capacity(repeat + 1);
+        for run in 1..=repeat {
+            let mut f = measure_running(config, attach, opts.scenario, opts.n).await?;
+            f.run = run;
+            all.push(f);
+        }
+        if repeat > 1 {
+            all.push(medians(&all));
+        }
         return report(&all, opts.json.as_deref());
     }
     let worker_counts = if opts.scenario == Scenario::Scale { vec![1, 2, 4] } else { vec![opts.workers] };
+    let repeat = opts.repeat.max(1);
     let mut all = Vec::new();
     for w in worker_counts {
-        eprintln!(
-            "bench {:?}: {} tasks, {w} worker(s), concurrency {} …",
-            opts.scenario, opts.n, opts.concurrency
-        );
-        let mut f = measure(config, opts.scenario, w, opts.concurrency, opts.n).await?;
-        if opts.ceiling {
-            let gpu = crate::fleet::gpusim(&gpusim_args(opts.scenario), None).await?;
-            let c = ceiling::run_single_threaded(
-                config,
-                &gpu.url(),
-                opts.n as u64,
-                opts.concurrency.saturating_mul(w as u16),
-            )
-            .await;
-            let _ = gpu.terminate().await;
-            let c = c?;
-            let cps = c.tasks as f64 / c.elapsed.as_secs_f64();
-            let ccpu = c.cpu_seconds / c.tasks as f64 * 1000.0;
-            f.ceiling_tasks_per_s = Some(cps);
-            f.ceiling_cpu_s_per_1000 = Some(ccpu);
-            f.ratio_tasks_per_s = Some(f.tasks_per_s / cps);
-            f.ratio_cpu_per_task = (ccpu > 0.0).then(|| f.cpu_s_per_1000 / ccpu);
+        let mut runs = Vec::with_capacity(repeat);
+        for run in 1..=repeat {
+            eprintln!(
+                "bench {:?}: {} tasks, {w} worker(s), concurrency {} (run {run} of {repeat}) …",
+                opts.scenario, opts.n, opts.concurrency
+            );
+            // The machine drifts over minutes: alternate which side goes first, so
+            // neither is always measured on the quieter half of a pair.
+            let ceiling_first = opts.ceiling && run % 2 == 0;
+            let early = match ceiling_first {
+                true => Some(measure_ceiling(config, opts.scenario, opts.n, opts.concurrency, w).await?),
+                false => None,
+            };
+            let mut f = measure(config, opts.scenario, w, opts.concurrency, opts.n).await?;
+            let ceiling = match early {
+                Some(c) => Some(c),
+                None if opts.ceiling => {
+                    Some(measure_ceiling(config, opts.scenario, opts.n, opts.concurrency, w).await?)
+                }
+                None => None,
+            };
+            if let Some(c) = ceiling {
+                f.set_ceiling(&c);
+            }
+            f.run = run;
+            runs.push(f);
         }
-        all.push(f);
+        let summary = (repeat > 1).then(|| medians(&runs));
+        all.extend(runs);
+        all.extend(summary);
     }
     report(&all, opts.json.as_deref())
+}
+
+/// The raw lapin loop on a gpusim of the scenario's shape, with the fleet's
+/// total concurrency.
+async fn measure_ceiling(
+    config: &Config,
+    scenario: Scenario,
+    n: usize,
+    concurrency: u16,
+    workers: usize,
+) -> anyhow::Result<ceiling::CeilingRun> {
+    let gpu = crate::fleet::gpusim(&gpusim_args(scenario), None).await?;
+    let c = ceiling::run_single_threaded(
+        config,
+        &gpu.url(),
+        n as u64,
+        concurrency.saturating_mul(workers as u16),
+    )
+    .await;
+    let _ = gpu.terminate().await;
+    c
+}
+
+impl Figures {
+    /// Put the ceiling's run beside this one, as figures and as ratios.
+    fn set_ceiling(&mut self, c: &ceiling::CeilingRun) {
+        let cps = c.tasks as f64 / c.elapsed.as_secs_f64();
+        let ccpu = c.cpu_seconds / c.tasks as f64 * 1000.0;
+        self.ceiling_tasks_per_s = Some(cps);
+        self.ceiling_cpu_s_per_1000 = Some(ccpu);
+        self.ratio_tasks_per_s = Some(self.tasks_per_s / cps);
+        self.ratio_cpu_per_task = (ccpu > 0.0).then(|| self.cpu_s_per_1000 / ccpu);
+    }
+}
+
+/// The middle value; the mean of the two middle ones for an even count (pure).
+pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// One row of medians over repeated runs of the same fleet (pure). Ratios are
+/// the median of each run's own ratio (Flota and the ceiling measured side by
+/// side), not a ratio of medians taken at different times.
+pub fn medians(runs: &[Figures]) -> Figures {
+    let of = |get: fn(&Figures) -> f64| median(runs.iter().map(get)).unwrap_or(0.0);
+    let of_some = |get: fn(&Figures) -> Option<f64>| median(runs.iter().filter_map(get));
+    let first = runs.first().cloned().unwrap_or_default();
+    let rss_columns = runs.iter().map(|r| r.worker_peak_rss_mb.len()).max().unwrap_or(0);
+    Figures {
+        scenario: first.scenario,
+        run: 0,
+        summary: Some(format!("median of {} runs", runs.len())),
+        workers: first.workers,
+        concurrency: first.concurrency,
+        tasks: first.tasks,
+        seconds: of(|f| f.seconds),
+        tasks_per_s: of(|f| f.tasks_per_s),
+        p50_ms: of(|f| f.p50_ms),
+        p90_ms: of(|f| f.p90_ms),
+        p99_ms: of(|f| f.p99_ms),
+        run_p50_ms: of(|f| f.run_p50_ms),
+        run_p99_ms: of(|f| f.run_p99_ms),
+        gpu_utilisation: of(|f| f.gpu_utilisation),
+        gpu_peak_in_flight: runs.iter().map(|f| f.gpu_peak_in_flight).max().unwrap_or(0),
+        cpu_s_per_1000: of(|f| f.cpu_s_per_1000),
+        scheduler_cpu_s_per_1000: of_some(|f| f.scheduler_cpu_s_per_1000),
+        // The peak is what the memory target is about: the largest seen per worker.
+        worker_peak_rss_mb: (0..rss_columns)
+            .map(|i| runs.iter().filter_map(|r| r.worker_peak_rss_mb.get(i)).copied().fold(0.0, f64::max))
+            .collect(),
+        submit_p50_ms: of_some(|f| f.submit_p50_ms),
+        submit_p99_ms: of_some(|f| f.submit_p99_ms),
+        ceiling_tasks_per_s: of_some(|f| f.ceiling_tasks_per_s),
+        ceiling_cpu_s_per_1000: of_some(|f| f.ceiling_cpu_s_per_1000),
+        ratio_tasks_per_s: of_some(|f| f.ratio_tasks_per_s),
+        ratio_cpu_per_task: of_some(|f| f.ratio_cpu_per_task),
+    }
 }
 
 fn report(all: &[Figures], json: Option<&std::path::Path>) -> anyhow::Result<Vec<Figures>> {
@@ -463,6 +571,10 @@ fn print(all: &[Figures]) {
         .map(|f| {
             vec![
                 f.scenario.clone(),
+                match f.run {
+                    0 => "median".into(),
+                    run => run.to_string(),
+                },
                 f.workers.to_string(),
                 f.tasks.to_string(),
                 format!("{:.0}", f.tasks_per_s),
@@ -481,6 +593,7 @@ fn print(all: &[Figures]) {
     super::inspect::print_table(
         &[
             "scenario",
+            "run",
             "workers",
             "tasks",
             "tasks/s",
@@ -512,6 +625,57 @@ mod tests {
         ];
         assert_eq!(local_pids(&workers, "here"), [41, 43]);
         assert!(local_pids(&workers, "nowhere").is_empty());
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts_ignores_what_is_not_a_number() {
+        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median([f64::NAN, 5.0, f64::INFINITY]), Some(5.0));
+        assert_eq!(median(std::iter::empty()), None);
+    }
+
+    fn run(run: usize, tasks_per_s: f64, cpu: f64, ceiling: Option<(f64, f64)>, rss: f64) -> Figures {
+        let mut f = Figures {
+            scenario: "GpuBound".into(),
+            run,
+            workers: 1,
+            tasks: 100,
+            tasks_per_s,
+            cpu_s_per_1000: cpu,
+            worker_peak_rss_mb: vec![rss],
+            ..Default::default()
+        };
+        if let Some((tasks, cpu_seconds)) = ceiling {
+            f.set_ceiling(&ceiling::CeilingRun {
+                tasks: 100,
+                elapsed: Duration::from_secs_f64(100.0 / tasks),
+                cpu_seconds,
+            });
+        }
+        f
+    }
+
+    #[test]
+    fn the_row_of_medians_takes_each_runs_own_ratio_and_the_largest_peak() {
+        // Run 1: a quiet minute for both; run 2: a busy one for both; run 3: in between.
+        let runs = [
+            run(1, 100.0, 0.4, Some((200.0, 0.02)), 30.0),
+            run(2, 50.0, 0.9, Some((80.0, 0.03)), 33.0),
+            run(3, 80.0, 0.6, Some((100.0, 0.025)), 31.0),
+        ];
+        let m = medians(&runs);
+        assert_eq!((m.run, m.summary.as_deref()), (0, Some("median of 3 runs")));
+        assert_eq!(m.tasks_per_s, 80.0);
+        assert_eq!(m.cpu_s_per_1000, 0.6);
+        // Per-run ratios 0.5, 0.625, 0.8 (tasks/s) and 2.0, 3.0, 2.4 (CPU): their medians,
+        // not 80/100 and 0.6/0.25 from medians taken in different runs.
+        assert_eq!(m.ratio_tasks_per_s, Some(0.625));
+        assert!((m.ratio_cpu_per_task.unwrap() - 2.4).abs() < 1e-9, "{:?}", m.ratio_cpu_per_task);
+        assert_eq!(m.worker_peak_rss_mb, vec![33.0]);
+        // Without a ceiling there is no ratio to take a median of.
+        let plain = medians(&[run(1, 10.0, 1.0, None, 1.0), run(2, 20.0, 2.0, None, 2.0)]);
+        assert_eq!((plain.tasks_per_s, plain.ratio_cpu_per_task), (15.0, None));
     }
 
     /// A scheduler that serves `/metrics` with a fixed count of recorded results.
