@@ -836,3 +836,32 @@ fn k8s_probes_grace_and_scaling_match_the_binaries() {
         assert!(known.iter().any(|k| k == q), "KEDA's queue {q} is one of {prefix}'s work queues: {known:?}");
     }
 }
+
+/// The worker and the scheduler both export the `wes_*` metrics (each replica
+/// its own; the scheduler fleet-wide, from the results), and Prometheus scrapes
+/// both: a query that does not pick one job counts every interpretation twice,
+/// and sums two histograms with different buckets.
+#[test]
+fn every_wes_query_reads_one_job_only() {
+    let prometheus = read("ops/prometheus/prometheus.yml");
+    assert!(prometheus.contains("job_name: flota-worker"), "the job the queries select is scraped");
+    let mut queries = 0;
+    for file in
+        ["ops/grafana/dashboards/wes.json", "ops/grafana/dashboards/fleet.json", "ops/prometheus/alerts.yml"]
+    {
+        for (n, line) in read(file).lines().enumerate() {
+            // Each selector of a wes_ series on the line, up to its range or the line's end.
+            for (at, _) in line.match_indices("wes_") {
+                queries += 1;
+                let selector = line[at..].split(['[', ')']).next().unwrap_or_default();
+                assert!(
+                    selector.contains("job=\\\"flota-worker\\\"")
+                        || selector.contains("job=\"flota-worker\""),
+                    "{file}:{}: `{selector}` adds the worker's and the scheduler's series together",
+                    n + 1
+                );
+            }
+        }
+    }
+    assert!(queries >= 6, "the WES dashboard and the latency alert were found ({queries} selectors)");
+}
