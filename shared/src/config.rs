@@ -157,6 +157,9 @@ impl Config {
         let gpu_url = get(ENV_GPU_URL).unwrap_or_else(|| DEFAULT_GPU_URL.into());
         if !(gpu_url.starts_with("http://") || gpu_url.starts_with("https://")) {
             bad(ENV_GPU_URL, format!("`{}` is not an http(s):// URL", redact_url(&gpu_url)));
+        } else if let Err(e) = url::Url::parse(&gpu_url) {
+            // Checked here, with the others, rather than on the first call (`http://` has no host).
+            bad(ENV_GPU_URL, format!("`{}` is not a usable URL: {e}", redact_url(&gpu_url)));
         }
         let concurrency = parse_num::<u16>(get(ENV_CONCURRENCY), DEFAULT_CONCURRENCY, 1, 4096)
             .unwrap_or_else(|why| {
@@ -376,12 +379,20 @@ mod tests {
             (ENV_HTTP_ADDR, "nowhere"),
             (ENV_LOG_FORMAT, "xml"),
             (ENV_SHUTDOWN_GRACE, "-1"),
+            // The right scheme, but no host: every call would fail.
+            (ENV_GPU_URL, "http://"),
         ])
         .unwrap_err();
         let vars: Vec<&str> = e.0.iter().map(|(v, _)| v.as_str()).collect();
-        for v in
-            [ENV_CONCURRENCY, ENV_AMQP_URL, ENV_PREFIX, ENV_HTTP_ADDR, ENV_LOG_FORMAT, ENV_SHUTDOWN_GRACE]
-        {
+        for v in [
+            ENV_CONCURRENCY,
+            ENV_AMQP_URL,
+            ENV_PREFIX,
+            ENV_HTTP_ADDR,
+            ENV_LOG_FORMAT,
+            ENV_SHUTDOWN_GRACE,
+            ENV_GPU_URL,
+        ] {
             assert!(vars.contains(&v), "{v} not reported in {e}");
         }
         assert!(!e.to_string().contains("secretpw"), "secret leaked: {e}");

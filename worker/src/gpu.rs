@@ -435,8 +435,8 @@ fn chat_http_request(
     with_api_key(req, api_key)
 }
 
-/// The chat completions endpoint under the configured base URL; the worker
-/// checks it at start, so a URL without a host stops it there (exit 64).
+/// The chat completions endpoint under the configured base URL (which the
+/// config has already checked, with every other setting).
 pub fn chat_url(base: &str) -> anyhow::Result<reqwest::Url> {
     let unusable = |why: String| anyhow::anyhow!("FLOTA_GPU_URL is not a usable URL: {why}");
     // The base alone first: appended to a host-less base, the path would be read as the host.

@@ -18,10 +18,6 @@ use flota_worker::{consumer, gpu::GpuClient, http, metrics::Metrics, process::Wo
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let config = config::load_or_exit("flota-worker");
-    if let Err(e) = flota_worker::gpu::chat_url(&config.gpu_url) {
-        eprintln!("flota-worker: {e}");
-        std::process::exit(config::EXIT_CONFIG);
-    }
     let _telemetry = telemetry::init_with_config(&config, "flota-worker");
     let shutdown = shutdown::on_signal();
 
