@@ -157,7 +157,8 @@ pub fn parse_task(body: &[u8]) -> Result<TaskEnvelope, Rejection> {
     if body.len() > MAX_BODY_BYTES {
         return Err(Rejection {
             code: ErrorCode::PayloadTooLarge,
-            id: None,
+            // Still parseable as an envelope: its producer is owed a failed result.
+            id: head_of(body).id.filter(|id| is_valid_id(id)),
             problems: vec![format!("body is {} bytes, the limit is {MAX_BODY_BYTES}", body.len())],
         });
     }
@@ -168,6 +169,20 @@ pub fn parse_task(body: &[u8]) -> Result<TaskEnvelope, Rejection> {
         problems: vec![format!("body is not valid JSON: {e}")],
     })?;
     validate_value(value)
+}
+
+/// The `id` and `kind` of a task body that will not be validated (too large,
+/// or refused), read without building the rest of it in memory (pure).
+#[derive(Debug, Default, Deserialize)]
+pub struct Head {
+    pub id: Option<String>,
+    pub kind: Option<String>,
+}
+
+/// Read a body's [`Head`]; an empty one when the body is not a JSON object
+/// with string `id`/`kind` (other fields are skipped, not kept).
+pub fn head_of(body: &[u8]) -> Head {
+    serde_json::from_slice(body).unwrap_or_default()
 }
 
 /// Validate an already-parsed JSON value as a task envelope.
@@ -729,7 +744,17 @@ mod tests {
     #[test]
     fn oversize_body_is_payload_too_large() {
         let big = vec![b' '; MAX_BODY_BYTES + 1];
-        assert_eq!(parse_task(&big).unwrap_err().code, ErrorCode::PayloadTooLarge);
+        let refused = parse_task(&big).unwrap_err();
+        assert_eq!((refused.code, refused.id), (ErrorCode::PayloadTooLarge, None));
+        // An envelope, only too large: its id is read, so its producer gets a failed result.
+        let message = "x".repeat(MAX_BODY_BYTES);
+        let task = json!({"id": "big-1", "kind": "deliberate", "input": {"message": message}}).to_string();
+        let refused = parse_task(task.as_bytes()).unwrap_err();
+        assert_eq!((refused.code, refused.id.as_deref()), (ErrorCode::PayloadTooLarge, Some("big-1")));
+        assert_eq!(head_of(task.as_bytes()).kind.as_deref(), Some("deliberate"));
+        // An id that is not a valid id is not one to report under.
+        let bad_id = json!({"id": "no spaces", "input": {"message": message}}).to_string();
+        assert_eq!(parse_task(bad_id.as_bytes()).unwrap_err().id, None);
     }
 
     #[test]

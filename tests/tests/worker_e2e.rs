@@ -182,12 +182,14 @@ async fn poison_messages_are_dead_lettered_on_first_delivery() {
         "each carries x-flota-error"
     );
 
-    // Results: the innocent one succeeded; the rejected ones with a readable id failed as invalid_task.
-    let (results, _) = tap.collect_distinct(3).await;
+    // Results: the innocent one succeeded; the rejected ones with a readable id failed, the
+    // too-large one (an envelope, only too large) as payload_too_large.
+    let (results, _) = tap.collect_distinct(4).await;
     assert_eq!(results["innocent"].status, Status::Succeeded);
     for id in ["k1", "u1"] {
         assert_eq!(results[id].error_code(), Some(ErrorCode::InvalidTask), "{id}");
     }
+    assert_eq!(results["huge"].error_code(), Some(ErrorCode::PayloadTooLarge));
     // Zero GPU calls for poison: only the innocent task reached the GPU.
     assert_eq!(gpu_stats(&gpu).await["served"], 1);
     assert_eq!(worker.terminate().await, Some(0), "no panic, clean exit");

@@ -112,11 +112,12 @@ pub async fn process(
             return match rejection.id.clone() {
                 // The id is readable: tell the producer through a failed result too.
                 Some(id) => {
-                    let kind = envelope::Kind::Interpret;
-                    let kind = serde_json::from_slice::<serde_json::Value>(body)
-                        .ok()
-                        .and_then(|v| v["kind"].as_str().and_then(Kind::parse))
-                        .unwrap_or(kind);
+                    // Read without building the body as a Value: it may be far over the size limit.
+                    let kind = envelope::head_of(body)
+                        .kind
+                        .as_deref()
+                        .and_then(Kind::parse)
+                        .unwrap_or(Kind::Interpret);
                     let started = envelope::now_rfc3339();
                     let result = failed_envelope(
                         ctx,
