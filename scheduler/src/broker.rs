@@ -15,6 +15,10 @@ pub struct Broker {
     config: Config,
     topo: Topology,
     current: Arc<Mutex<Option<(lapin::Connection, Publisher)>>>,
+    /// The channel passive declares are made on, kept between them: the gauges
+    /// ask about every queue every few seconds, and a channel opened and
+    /// closed per question was two more round trips each.
+    inspect: Arc<Mutex<Option<lapin::Channel>>>,
 }
 
 impl Broker {
@@ -23,6 +27,7 @@ impl Broker {
             config: config.clone(),
             topo: Topology::new(&config.prefix),
             current: Arc::new(Mutex::new(None)),
+            inspect: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -50,14 +55,20 @@ impl Broker {
         self.publisher().await.is_ok()
     }
 
-    /// Depth and consumers of a queue, by passive declare (on a throwaway
-    /// channel: a passive declare of a missing queue closes its channel).
+    /// Depth and consumers of a queue, by passive declare. A passive declare
+    /// of a missing queue closes its channel: the next question opens another.
     pub async fn queue_info(&self, queue: &str) -> anyhow::Result<(u32, u32)> {
         self.publisher().await?;
-        let channel = {
-            let current = self.current.lock().await;
-            let Some((conn, _)) = current.as_ref() else { anyhow::bail!("not connected to RabbitMQ") };
-            conn.create_channel().await?
+        let mut inspect = self.inspect.lock().await;
+        let channel = match inspect.as_ref().filter(|c| c.status().connected()) {
+            Some(channel) => channel.clone(),
+            None => {
+                let current = self.current.lock().await;
+                let Some((conn, _)) = current.as_ref() else { anyhow::bail!("not connected to RabbitMQ") };
+                let channel = conn.create_channel().await?;
+                *inspect = Some(channel.clone());
+                channel
+            }
         };
         let q = channel
             .queue_declare(
@@ -66,8 +77,12 @@ impl Broker {
                 FieldTable::default(),
             )
             .await;
-        let _ = channel.close(200, ShortString::from("done")).await;
-        let q = q?;
-        Ok((q.message_count(), q.consumer_count()))
+        match q {
+            Ok(q) => Ok((q.message_count(), q.consumer_count())),
+            Err(e) => {
+                *inspect = None;
+                Err(e.into())
+            }
+        }
     }
 }

@@ -273,3 +273,22 @@ async fn results_wait_while_the_scheduler_is_down_and_are_recorded_once_after() 
     assert!(!m.contains("flota_results_duplicate_total 1"));
     env.cleanup().await;
 }
+
+/// Queue depths come from passive declares on one kept channel. A missing queue
+/// closes that channel; the next question opens another and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_depths_survive_asking_about_a_missing_queue() {
+    let env = TestEnv::new("queue-info").await;
+    let broker = flota_scheduler::broker::Broker::new(&env.config);
+    let work = env.topo.work_queue(Kind::Interpret);
+    broker.publisher().await.expect("connected; topology declared");
+    env.publish_task(&interp("depth-1")).await;
+    assert_eq!(broker.queue_info(&work).await.unwrap(), (1, 0));
+    let missing = format!("{}.no-such-queue", env.prefix);
+    assert!(broker.queue_info(&missing).await.is_err(), "a missing queue is an error");
+    // Asked again, on a fresh channel, both questions are answered as before.
+    assert_eq!(broker.queue_info(&work).await.unwrap(), (1, 0));
+    assert!(broker.queue_info(&missing).await.is_err());
+    assert_eq!(broker.queue_info(&env.topo.dead_queue()).await.unwrap(), (0, 0));
+    env.cleanup().await;
+}
