@@ -50,6 +50,15 @@ fn install(
     tracer: Option<opentelemetry_sdk::trace::Tracer>,
 ) -> Result<(), tracing_subscriber::util::TryInitError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    subscriber(format, filter, tracer).try_init()
+}
+
+/// Log lines through `filter`, spans to OTLP when there is a tracer.
+fn subscriber(
+    format: LogFormat,
+    filter: EnvFilter,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+) -> impl tracing::Subscriber + Send + Sync + 'static {
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -70,10 +79,14 @@ fn install(
             .with_tracer(t)
             .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
     });
-    let logged = filter.and(tracing_subscriber::filter::filter_fn(|meta| {
+    // The closure only takes lines away, so it adds no level of its own: without this
+    // hint the stack has none, every `trace!` of lapin, hyper and redis is asked about
+    // at run time, and spans nobody records are built for every task.
+    let kept = tracing_subscriber::filter::filter_fn(|meta| {
         (!meta.is_span() || meta.target() != TRACE_ONLY) && !dumps_frames(meta.target(), *meta.level())
-    }));
-    tracing_subscriber::registry().with(fmt.with_filter(logged)).with(otel).try_init()
+    })
+    .with_max_level_hint(tracing_subscriber::filter::LevelFilter::TRACE);
+    tracing_subscriber::registry().with(fmt.with_filter(filter.and(kept))).with(otel)
 }
 
 /// Crates whose trace level prints every AMQP frame with `Debug`: the login's
@@ -208,6 +221,23 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What no layer wants is not even built: the stack's level is the log
+    /// level, or info when spans are exported (pure: nothing is installed).
+    #[test]
+    fn the_stack_asks_for_no_more_than_its_layers_want() {
+        use tracing::Subscriber;
+        use tracing_subscriber::filter::LevelFilter;
+        let logs = |level: &str| subscriber(LogFormat::Text, EnvFilter::new(level), None).max_level_hint();
+        assert_eq!(logs("warn"), Some(LevelFilter::WARN));
+        assert_eq!(logs("info"), Some(LevelFilter::INFO));
+        assert_eq!(logs("lapin=debug,warn"), Some(LevelFilter::DEBUG));
+        let json = subscriber(LogFormat::Json, EnvFilter::new("error"), None);
+        assert_eq!(json.max_level_hint(), Some(LevelFilter::ERROR));
+        let tracer = SdkTracerProvider::builder().build().tracer("test");
+        let exported = subscriber(LogFormat::Text, EnvFilter::new("warn"), Some(tracer));
+        assert_eq!(exported.max_level_hint(), Some(LevelFilter::INFO), "spans still reach OTLP at warn");
+    }
 
     #[test]
     fn amqp_frame_dumps_are_never_logged() {
