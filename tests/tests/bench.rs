@@ -61,7 +61,7 @@ async fn the_bench_measures_a_running_fleet() {
     let pid = scheduler.pid().to_string();
     let run = tokio::process::Command::new(procs::binary("flotactl"))
         .args(["bench", "--scenario", "overhead", "--n", "60", "--api", &api, "--gpu", &gpu.url()])
-        .args(["--scheduler-pid", &pid, "--json"])
+        .args(["--scheduler-pid", &pid, "--repeat", "2", "--json"])
         .arg(&out)
         .envs(env.env())
         .status();
@@ -70,6 +70,10 @@ async fn the_bench_measures_a_running_fleet() {
     assert!(status.success(), "bench --api failed");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).expect("bench JSON");
     let _ = std::fs::remove_file(&out);
+    // Two runs against the same fleet (each waits for its own results), then their medians.
+    assert_eq!(v.as_array().map(Vec::len), Some(3), "{v}");
+    assert_eq!((v[0]["run"].as_u64(), v[1]["run"].as_u64()), (Some(1), Some(2)), "{v}");
+    assert_eq!(v[2]["summary"], "median of 2 runs", "{v}");
     let f = &v[0];
     assert_eq!(f["tasks"], 60, "{f}");
     assert_eq!(f["workers"], 1, "{f}");
