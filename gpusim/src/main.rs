@@ -5,9 +5,21 @@ use std::io::{IsTerminal, Write};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
+/// The exit code of a bad setting, as for every Flota process (clap's own is 2).
+const EXIT_CONFIG: i32 = 64;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = flota_gpusim::Args::parse();
+    let args = match flota_gpusim::Args::try_parse() {
+        Ok(args) => args,
+        // A bad flag or GPUSIM_* value: clap's message, then the contract's exit code.
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            std::process::exit(EXIT_CONFIG);
+        }
+        // --help, --version.
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

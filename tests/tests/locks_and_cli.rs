@@ -242,3 +242,30 @@ async fn flotactl_submit_reconnects_after_a_cut_connection() {
     assert!(env.queue_depth(&queue).await >= n, "tasks lost across the cut");
     env.cleanup().await;
 }
+
+/// flota-gpusim keeps the contract's rule for bad settings (exit 64 with a message
+/// naming the setting), from its flags or its GPUSIM_* variables; help is not an error.
+#[test]
+fn gpusim_refuses_a_bad_setting_with_exit_64() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        std::process::Command::new(procs::binary("flota-gpusim"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("flota-gpusim built")
+    };
+    for (args, env, named) in [
+        (&[][..], &[("GPUSIM_SLOTS", "lots")][..], "--slots"),
+        (&["--error-rate", "2"][..], &[][..], "--error-rate"),
+        (&["--no-such-flag"][..], &[][..], "--no-such-flag"),
+    ] {
+        let out = run(args, env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?} {env:?}: {stderr}");
+    }
+    let help = run(&["--help"], &[]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("GPUSIM_SLOTS"));
+}
