@@ -86,7 +86,19 @@ fn subscriber(
         (!meta.is_span() || meta.target() != TRACE_ONLY) && !dumps_frames(meta.target(), *meta.level())
     })
     .with_max_level_hint(tracing_subscriber::filter::LevelFilter::TRACE);
-    tracing_subscriber::registry().with(fmt.with_filter(filter.and(kept))).with(otel)
+    // A task's span is the context of its lines at any log level: at `RUST_LOG=warn` a
+    // warning inside a task still names its task and trace.
+    let task_spans = tracing_subscriber::filter::filter_fn(is_task_span)
+        .with_max_level_hint(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing_subscriber::registry().with(fmt.with_filter(filter.or(task_spans).and(kept))).with(otel)
+}
+
+/// The spans one task's or one request's lines are logged in: the worker's
+/// `consume`, the scheduler's `record` and `submit` (pure).
+fn is_task_span(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_span()
+        && matches!(meta.name(), "consume" | "record" | "submit")
+        && (meta.target().starts_with("flota_worker") || meta.target().starts_with("flota_scheduler"))
 }
 
 /// Crates whose trace level prints every AMQP frame with `Debug`: the login's
@@ -229,11 +241,12 @@ mod tests {
         use tracing::Subscriber;
         use tracing_subscriber::filter::LevelFilter;
         let logs = |level: &str| subscriber(LogFormat::Text, EnvFilter::new(level), None).max_level_hint();
-        assert_eq!(logs("warn"), Some(LevelFilter::WARN));
+        // Info at the least: the tasks' own spans are kept at every log level.
+        assert_eq!(logs("warn"), Some(LevelFilter::INFO));
         assert_eq!(logs("info"), Some(LevelFilter::INFO));
         assert_eq!(logs("lapin=debug,warn"), Some(LevelFilter::DEBUG));
         let json = subscriber(LogFormat::Json, EnvFilter::new("error"), None);
-        assert_eq!(json.max_level_hint(), Some(LevelFilter::ERROR));
+        assert_eq!(json.max_level_hint(), Some(LevelFilter::INFO));
         let tracer = SdkTracerProvider::builder().build().tracer("test");
         let exported = subscriber(LogFormat::Text, EnvFilter::new("warn"), Some(tracer));
         assert_eq!(exported.max_level_hint(), Some(LevelFilter::INFO), "spans still reach OTLP at warn");

@@ -296,6 +296,53 @@ async fn json_logs_carry_task_and_trace_ids() {
     env.cleanup().await;
 }
 
+/// At `RUST_LOG=warn` (info lines off) a warning logged inside a task still
+/// carries the task's span: its `task_id` and `trace_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warnings_inside_a_task_name_it_at_warn_level() {
+    let env = TestEnv::new("warnlog").await;
+    // Every GPU call fails: the attempt ends with "Attempt failed; retrying later." (warn).
+    let gpu = procs::gpusim(&["--error-rate", "1"]).await;
+    let log = log_dir(&env).join("worker.log");
+    let mut worker_env = env.env();
+    worker_env.push(("FLOTA_GPU_URL".into(), gpu.url()));
+    worker_env.push(("FLOTA_METRICS_ADDR".into(), "127.0.0.1:0".into()));
+    worker_env.push(("FLOTA_GPU_RETRIES".into(), "0".into()));
+    worker_env.push(("FLOTA_LOG_FORMAT".into(), "json".into()));
+    worker_env.push(("RUST_LOG".into(), "warn".into()));
+    let worker =
+        procs::Proc::start_with("flota-worker", &[], &worker_env, "ready", Some(&log)).await.unwrap();
+    let tp = TraceParent::new_root();
+    let task = json!({"id": "warned", "kind": "interpret", "input": {"message": "hola"}});
+    env.publish_raw(
+        "interpret",
+        task.to_string().as_bytes(),
+        amqp::task_properties("warned", &tp.header(), 0),
+    )
+    .await;
+    flota_tests::eventually("the attempt's failure is logged", || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Attempt failed"))
+    })
+    .await;
+    assert_eq!(worker.terminate().await, Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let failed: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with("Attempt failed")))
+        .collect();
+    assert!(!failed.is_empty(), "{text}");
+    for l in failed {
+        assert_eq!(l["level"], "WARN", "{l}");
+        assert_eq!(l["span"]["name"], "consume", "{l}");
+        assert_eq!(l["span"]["task_id"], "warned", "{l}");
+        assert_eq!(l["span"]["trace_id"], tp.trace_id.as_str(), "{l}");
+    }
+    assert!(!lines.iter().any(|l| l["level"] == "INFO"), "info lines stay off at warn: {text}");
+    let _ = std::fs::remove_dir_all(log_dir(&env));
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_logs_written_to_a_file_carry_no_colour_escapes() {
     let env = TestEnv::new("plainlog").await;
