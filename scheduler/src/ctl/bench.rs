@@ -421,54 +421,59 @@ pub async fn run(config: &Config, opts: Options) -> anyhow::Result<Vec<Figures>>
             "bench {:?}: {} tasks against the running fleet at {} …",
             opts.scenario, opts.n, attach.api
         );
-        let repeat = opts.repeat.max(1);
-        let mut all = Vec::with_capacity(repeat + 1);
-        for run in 1..=repeat {
-            let mut f = measure_running(config, attach, opts.scenario, opts.n).await?;
-            f.run = run;
-            all.push(f);
-        }
-        if repeat > 1 {
-            all.push(medians(&all));
-        }
+        let all =
+            repeated(opts.repeat, async |_| measure_running(config, attach, opts.scenario, opts.n).await)
+                .await?;
         return report(&all, opts.json.as_deref());
     }
     let worker_counts = if opts.scenario == Scenario::Scale { vec![1, 2, 4] } else { vec![opts.workers] };
     let repeat = opts.repeat.max(1);
     let mut all = Vec::new();
     for w in worker_counts {
-        let mut runs = Vec::with_capacity(repeat);
-        for run in 1..=repeat {
+        let runs = repeated(repeat, async |run| {
             eprintln!(
                 "bench {:?}: {} tasks, {w} worker(s), concurrency {} (run {run} of {repeat}) …",
                 opts.scenario, opts.n, opts.concurrency
             );
+            let ceiling = async || measure_ceiling(config, opts.scenario, opts.n, opts.concurrency, w).await;
             // The machine drifts over minutes: alternate which side goes first, so
             // neither is always measured on the quieter half of a pair.
-            let ceiling_first = opts.ceiling && run % 2 == 0;
-            let early = match ceiling_first {
-                true => Some(measure_ceiling(config, opts.scenario, opts.n, opts.concurrency, w).await?),
-                false => None,
-            };
+            let mut beside = None;
+            if opts.ceiling && run % 2 == 0 {
+                beside = Some(ceiling().await?);
+            }
             let mut f = measure(config, opts.scenario, w, opts.concurrency, opts.n).await?;
-            let ceiling = match early {
-                Some(c) => Some(c),
-                None if opts.ceiling => {
-                    Some(measure_ceiling(config, opts.scenario, opts.n, opts.concurrency, w).await?)
-                }
-                None => None,
-            };
-            if let Some(c) = ceiling {
+            if opts.ceiling && beside.is_none() {
+                beside = Some(ceiling().await?);
+            }
+            if let Some(c) = beside {
                 f.set_ceiling(&c);
             }
-            f.run = run;
-            runs.push(f);
-        }
-        let summary = (repeat > 1).then(|| medians(&runs));
+            Ok(f)
+        })
+        .await?;
         all.extend(runs);
-        all.extend(summary);
     }
     report(&all, opts.json.as_deref())
+}
+
+/// `repeat` runs of `one` (given the run's number, from 1), numbered, then
+/// their row of medians when there is more than one.
+async fn repeated(
+    repeat: usize,
+    mut one: impl AsyncFnMut(usize) -> anyhow::Result<Figures>,
+) -> anyhow::Result<Vec<Figures>> {
+    let repeat = repeat.max(1);
+    let mut runs = Vec::with_capacity(repeat + 1);
+    for run in 1..=repeat {
+        let mut f = one(run).await?;
+        f.run = run;
+        runs.push(f);
+    }
+    if repeat > 1 {
+        runs.push(medians(&runs));
+    }
+    Ok(runs)
 }
 
 /// The raw lapin loop on a gpusim of the scenario's shape, with the fleet's
