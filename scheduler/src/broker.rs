@@ -45,8 +45,8 @@ impl Broker {
             return Ok(publisher.clone());
         }
         let conn = amqp::connect(&self.config, "flota-scheduler publish").await?;
+        amqp::declare_topology(&conn, &self.topo, self.config.delivery_limit).await?;
         let publisher = Publisher::open(&conn).await?;
-        amqp::declare_topology(publisher.channel(), &self.topo, self.config.delivery_limit).await?;
         *current = Some((conn, publisher.clone()));
         Ok(publisher)
     }

@@ -90,8 +90,8 @@ async fn session(
 ) -> anyhow::Result<()> {
     let topo = state.broker.topology().clone();
     let conn = amqp::connect(&state.config, "flota-scheduler consume").await?;
+    amqp::declare_topology(&conn, &topo, state.config.delivery_limit).await?;
     let channel = conn.create_channel().await?;
-    amqp::declare_topology(&channel, &topo, state.config.delivery_limit).await?;
     // The scheduler's own queue for approved plans.
     let mut args = FieldTable::default();
     args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));

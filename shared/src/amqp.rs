@@ -208,15 +208,51 @@ fn quorum_args(dead_letter_exchange: &str, delivery_limit: Option<u32>) -> Field
     args
 }
 
-/// Declare the whole topology of the contract (idempotent).
-pub async fn declare_topology(channel: &Channel, topo: &Topology, delivery_limit: u32) -> lapin::Result<()> {
+/// Declare the whole topology of the contract (idempotent), on a channel of
+/// its own: a refusal (a user without `configure`: [`is_access_refused`])
+/// closes only that channel, and the caller's channels stay usable.
+pub async fn declare_topology(conn: &Connection, topo: &Topology, delivery_limit: u32) -> lapin::Result<()> {
+    let channel = declare_tasks_exchange(conn, topo).await?;
+    declare_the_rest(&channel, topo, delivery_limit).await?;
+    let _ = channel.close(200, s("topology declared")).await;
+    Ok(())
+}
+
+/// `P.tasks` exactly as the contract gives it (durable direct, no arguments),
+/// so a producer in any language may declare it too: RabbitMQ refuses a
+/// declare whose arguments differ from the existing exchange's. Flota before
+/// 2026-12-06 gave it an `alternate-exchange` (P.dlx, for routing keys that are
+/// no kind); such an exchange is kept as it is. Returns a usable channel.
+async fn declare_tasks_exchange(conn: &Connection, topo: &Topology) -> lapin::Result<Channel> {
+    let channel = conn.create_channel().await?;
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let declared = channel
+        .exchange_declare(s(topo.tasks_exchange()), ExchangeKind::Direct, durable, FieldTable::default())
+        .await;
+    match declared {
+        Ok(()) => Ok(channel),
+        Err(e) if is_earlier_alternate_exchange(&e.to_string()) => {
+            tracing::warn!(
+                message = "The tasks exchange keeps the alternate exchange an earlier Flota gave it, so a producer that declares it must pass the same argument; delete it to have it re-created as the contract gives it (runbook dead-letters.md).",
+                exchange = %topo.tasks_exchange()
+            );
+            // The refusal closed the channel.
+            conn.create_channel().await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The broker's refusal of a plain declare of an exchange that has an
+/// `alternate-exchange` argument (and is otherwise the same).
+pub fn is_earlier_alternate_exchange(refusal: &str) -> bool {
+    refusal.contains("inequivalent arg 'alternate-exchange'")
+}
+
+async fn declare_the_rest(channel: &Channel, topo: &Topology, delivery_limit: u32) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     let qdurable = QueueDeclareOptions { durable: true, ..Default::default() };
     let none = FieldTable::default;
-    // Tasks nobody routes (an unknown kind as routing key) go to the dead letters, not nowhere.
-    let mut tasks_args = FieldTable::default();
-    tasks_args.insert(s("alternate-exchange"), AMQPValue::LongString(topo.dead_letter_exchange().into()));
-    channel.exchange_declare(s(topo.tasks_exchange()), ExchangeKind::Direct, durable, tasks_args).await?;
     channel.exchange_declare(s(topo.results_exchange()), ExchangeKind::Fanout, durable, none()).await?;
     channel.exchange_declare(s(topo.dead_letter_exchange()), ExchangeKind::Fanout, durable, none()).await?;
     channel.exchange_declare(s(topo.events_exchange()), ExchangeKind::Topic, durable, none()).await?;
@@ -428,6 +464,17 @@ pub fn long_string(v: &str) -> AMQPValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_earlier_alternate_exchange_is_kept() {
+        // RabbitMQ 3.10's words, as lapin reports them.
+        let earlier = "protocol error: AMQP soft error: PRECONDITION-FAILED: PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange 'flota.tasks' in vhost '/': received none but current is the value 'flota.dlx' of type 'longstr'";
+        assert!(is_earlier_alternate_exchange(earlier));
+        // Another kind, or another difference, is still an error.
+        let kind = "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'flota.tasks' in vhost '/': received 'direct' but current is 'fanout'";
+        assert!(!is_earlier_alternate_exchange(kind));
+        assert!(!is_earlier_alternate_exchange("ACCESS_REFUSED - access to exchange 'flota.tasks' refused"));
+    }
 
     #[test]
     fn connect_hints_name_the_likely_cause() {

@@ -62,11 +62,9 @@ impl TestEnv {
         let config = Config::from_lookup(|k| vars.get(k).cloned().or_else(|| std::env::var(k).ok()))
             .expect("test configuration");
         let conn = amqp::connect(&config, &format!("test {prefix}")).await.expect("RabbitMQ reachable");
-        let publisher = Publisher::open(&conn).await.expect("publisher channel");
         let topo = Topology::new(&prefix);
-        amqp::declare_topology(publisher.channel(), &topo, config.delivery_limit)
-            .await
-            .expect("declare topology");
+        amqp::declare_topology(&conn, &topo, config.delivery_limit).await.expect("declare topology");
+        let publisher = Publisher::open(&conn).await.expect("publisher channel");
         let store = Store::new(store::pool(&config, 8).expect("redis pool"), &prefix);
         TestEnv { prefix, config, topo, conn, publisher, store }
     }
@@ -249,6 +247,18 @@ pub async fn flotactl(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, Str
     let out = tokio::time::timeout(PATIENCE, run).await.expect("flotactl finishes").expect("flotactl built");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// `flotactl dlq list` of this prefix as sorted (id, reason) pairs.
+pub async fn dlq_reasons(env: &TestEnv) -> Vec<(String, String)> {
+    let (code, out, err) = flotactl(env, &["dlq", "list", "--json"]).await;
+    assert_eq!(code, Some(0), "dlq list: {out} {err}");
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("dlq list JSON ({e}): {out}"));
+    let field = |d: &serde_json::Value, k: &str| d[k].as_str().unwrap_or("-").to_string();
+    let mut seen: Vec<(String, String)> = list.iter().map(|d| (field(d, "id"), field(d, "reason"))).collect();
+    seen.sort();
+    seen
 }
 
 /// Wait until a scheduler has recorded at least `at_least` results, failing

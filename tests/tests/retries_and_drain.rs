@@ -16,7 +16,9 @@ use serde_json::{Value, json};
 use flota_shared::amqp::{self, HEADER_ATTEMPT, HEADER_ERROR, HEADER_SOURCE_QUEUE};
 use flota_shared::envelope::{ErrorCode, Kind, Status};
 use flota_tests::proxy::FaultProxy;
-use flota_tests::{PATIENCE, TestEnv, eventually, flotactl, metric_sample, procs, wait_recorded};
+use flota_tests::{
+    PATIENCE, TestEnv, dlq_reasons, eventually, flotactl, metric_sample, procs, wait_recorded,
+};
 
 /// The model gpusim serves by default (set so no `/v1/models` lookup is needed).
 const GPUSIM_MODEL: &str = "flota-sim-1";
@@ -118,22 +120,6 @@ fn deaths(props: &BasicProperties) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The ids of `flotactl dlq list --json`, sorted.
-async fn dlq_ids(env: &TestEnv) -> Vec<(String, String)> {
-    let (code, out, err) = flotactl(env, &["dlq", "list", "--json"]).await;
-    assert_eq!(code, Some(0), "dlq list: {out} {err}");
-    let list: Vec<Value> =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("dlq list JSON ({e}): {out}"));
-    let mut ids: Vec<(String, String)> = list
-        .iter()
-        .map(|d| {
-            (d["id"].as_str().unwrap_or("-").to_string(), d["reason"].as_str().unwrap_or("").to_string())
-        })
-        .collect();
-    ids.sort();
-    ids
-}
-
 /// Every call fails with a 500; with `FLOTA_MAX_ATTEMPTS=2` each task tries,
 /// waits in the 1 s delay queue, tries again, and then ends failed
 /// `gpu_unavailable` *and* dead-lettered.
@@ -221,8 +207,8 @@ async fn attempts_exhaust_through_the_retry_queues_then_fail_and_dead_letter() {
 /// Dead letters whose cause is gone come back with `flotactl dlq replay`: one by
 /// id, then the rest with `--all`, and each then succeeds once. The causes here
 /// are ones replay can fix: deliveries a crashing consumer returned until the
-/// broker's delivery limit dead-lettered them, and a task published with a
-/// routing key nobody binds (replay routes it by the kind in its body).
+/// broker's delivery limit dead-lettered them. (A task published with a routing
+/// key nobody binds, replayed by the kind in its body: `tests/topology.rs`.)
 ///
 /// Not covered, on purpose: a task dead-lettered because its attempts ran out has
 /// its failed result stored, and a replay only re-reports that result; see
@@ -235,10 +221,6 @@ async fn dlq_replay_by_id_and_all_brings_tasks_back() {
     for id in &crashed {
         env.publish_task(&interp(id)).await;
     }
-    let misrouted = "rp-misrouted".to_string();
-    let tp = flota_shared::telemetry::TraceParent::new_root().header();
-    let body = serde_json::to_vec(&interp(&misrouted)).expect("json");
-    env.publish_raw("interpretar", &body, amqp::task_properties(&misrouted, &tp, 0)).await;
 
     // A consumer that dies on every delivery (it hands each one back) until the
     // broker's delivery limit dead-letters them all.
@@ -256,7 +238,7 @@ async fn dlq_replay_by_id_and_all_brings_tasks_back() {
             .expect("consume");
         let dead_queue = env.topo.dead_queue();
         let deadline = tokio::time::Instant::now() + PATIENCE;
-        while env.queue_depth(&dead_queue).await < crashed.len() as u32 + 1 {
+        while env.queue_depth(&dead_queue).await < crashed.len() as u32 {
             assert!(tokio::time::Instant::now() < deadline, "the delivery limit dead-lettered them all");
             // The broker dead-letters after the last nack, on its own time: poll
             // the depth again when nothing is delivered for a moment.
@@ -275,9 +257,8 @@ async fn dlq_replay_by_id_and_all_brings_tasks_back() {
     }
     let mut expected: Vec<(String, String)> =
         crashed.iter().map(|id| (id.clone(), "delivery_limit".to_string())).collect();
-    expected.push((misrouted.clone(), "unroutable".into()));
     expected.sort();
-    assert_eq!(dlq_ids(&env).await, expected, "what the operator sees before replaying");
+    assert_eq!(dlq_reasons(&env).await, expected, "what the operator sees before replaying");
 
     // The cause is gone: a healthy fleet.
     let gpu = procs::gpusim(&[]).await;
@@ -291,7 +272,7 @@ async fn dlq_replay_by_id_and_all_brings_tasks_back() {
     let v = final_view(&http, &api, &crashed[0]).await;
     assert_eq!(v["status"], "succeeded", "{v}");
     let rest: Vec<(String, String)> = expected.iter().filter(|(id, _)| *id != crashed[0]).cloned().collect();
-    assert_eq!(dlq_ids(&env).await, rest, "replaying one id leaves the others in place");
+    assert_eq!(dlq_reasons(&env).await, rest, "replaying one id leaves the others in place");
 
     let (code, out, err) = flotactl(&env, &["dlq", "replay", "--all"]).await;
     assert_eq!(code, Some(0), "{out} {err}");
@@ -303,7 +284,7 @@ async fn dlq_replay_by_id_and_all_brings_tasks_back() {
         assert_eq!(v["result"]["attempts"], 1, "{id}: a replay starts its attempts afresh: {v}");
     }
     wait_recorded(&api, all.len() as u64, all.len() as u64).await;
-    assert_eq!(dlq_ids(&env).await, Vec::<(String, String)>::new(), "P.dead is empty after the replays");
+    assert_eq!(dlq_reasons(&env).await, Vec::<(String, String)>::new(), "P.dead is empty after the replays");
     assert_eq!(env.queue_depth(&env.topo.dead_queue()).await, 0);
     assert_eq!(gpu_stats(&gpu).await["served"], json!(all.len()), "each replayed task ran once");
     each_applied_once(&env, &all).await;

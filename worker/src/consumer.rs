@@ -77,13 +77,12 @@ async fn session(
     // Separate connections: broker flow control on publishes cannot stall acks.
     let consume_conn = amqp::connect(&ctx.config, &format!("{worker_id} consume")).await?;
     let publish_conn = amqp::connect(&ctx.config, &format!("{worker_id} publish")).await?;
-    let mut publisher = Publisher::open(&publish_conn).await?;
-    if let Err(e) = amqp::declare_topology(publisher.channel(), topo, ctx.config.delivery_limit).await {
+    if let Err(e) = amqp::declare_topology(&publish_conn, topo, ctx.config.delivery_limit).await {
         if !amqp::is_access_refused(&e) {
             return Err(e.into());
         }
         // A user without `configure` (which would also let it delete queues): the
-        // topology must already exist. The refusal closed the channel; use fresh ones.
+        // topology must already exist.
         tracing::info!(message = "No permission to declare the topology; checking that it exists.");
         amqp::check_topology(&publish_conn.create_channel().await?, topo).await.map_err(|e| {
             anyhow::anyhow!(
@@ -91,8 +90,8 @@ async fn session(
                 topo.prefix()
             )
         })?;
-        publisher = Publisher::open(&publish_conn).await?;
     }
+    let publisher = Publisher::open(&publish_conn).await?;
 
     // One channel per queue: quorum queues have no global QoS, so each consumer
     // gets the prefetch; the semaphore bounds what runs at once.

@@ -46,9 +46,9 @@ impl Harness {
         let config = Config::from_lookup(|k| vars.get(k).cloned().or_else(|| std::env::var(k).ok()))
             .expect("test configuration");
         let conn = amqp::connect(&config, &format!("test {prefix}")).await.expect("RabbitMQ reachable");
-        let publisher = Publisher::open(&conn).await.expect("publisher channel");
         let topo = Topology::new(&prefix);
-        amqp::declare_topology(publisher.channel(), &topo, config.delivery_limit).await.expect("topology");
+        amqp::declare_topology(&conn, &topo, config.delivery_limit).await.expect("topology");
+        let publisher = Publisher::open(&conn).await.expect("publisher channel");
         let store = Store::new(store::pool(&config, 4).expect("redis pool"), &prefix);
 
         let state = AppState::new(config.clone(), Store::new(store::pool(&config, 16).unwrap(), &prefix));
