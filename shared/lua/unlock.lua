@@ -1,13 +1,19 @@
 -- Release locks only where we still hold them (compare-and-delete on the token),
 -- and wake the first waiter of each resource lock released: its body moves to
 -- the `releasing` hash (crash-safe hand-off) and is returned for republishing.
--- KEYS[1] the task lock, KEYS[2..] resource locks
+-- KEYS[1] the task lock, KEYS[2..n-1] resource locks, KEYS[n] the task hash
 -- ARGV[1] token, ARGV[2] key tag, ARGV[3..] resource lock names (same order as KEYS[2..])
 -- Returns {released_count, id, body, id, body, ...}.
+-- The attempt lets go of the task: its `claim` (claim.lua) is cleared, so the next
+-- claim is no takeover.
 local tag = ARGV[2]
 local n = 0
 local out = {}
-for i = 1, #KEYS do
+local task = KEYS[#KEYS]
+if redis.call('HGET', task, 'claim') == ARGV[1] then
+  redis.call('HDEL', task, 'claim')
+end
+for i = 1, #KEYS - 1 do
   if redis.call('GET', KEYS[i]) == ARGV[1] then
     n = n + redis.call('DEL', KEYS[i])
     if i >= 2 then

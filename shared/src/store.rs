@@ -241,6 +241,10 @@ pub enum Claim {
     Queued(String),
     /// This attempt runs the task under this fencing token.
     Run(String),
+    /// This attempt owns the task under this fencing token, but the attempts before it
+    /// were abandoned (their worker died or froze past its lease) `takeovers` times, the
+    /// limit: the task is taken to kill its workers. End it failed without running it.
+    Abandoned { fence: String, takeovers: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -412,6 +416,7 @@ impl Store {
         lease: Duration,
         worker: &str,
         kind: &str,
+        max_takeovers: u32,
     ) -> Result<Claim, StoreError> {
         let mut c = self.conn().await?;
         let mut script = self.scripts.claim.prepare_invoke();
@@ -431,7 +436,8 @@ impl Store {
             .arg(crate::envelope::now_rfc3339())
             .arg(self.keys.tag())
             // Only a task with lock_keys can wait in a list; spare the bytes otherwise.
-            .arg(if lock_keys.is_empty() { &[][..] } else { body });
+            .arg(if lock_keys.is_empty() { &[][..] } else { body })
+            .arg(max_takeovers);
         for k in lock_keys {
             script.arg(k);
         }
@@ -441,6 +447,10 @@ impl Store {
             [tag] if tag == "busy" => Ok(Claim::Busy),
             [tag, key] if tag == "queued" => Ok(Claim::Queued(key.clone())),
             [tag, fence] if tag == "run" => Ok(Claim::Run(fence.clone())),
+            [tag, fence, n] if tag == "abandoned" => Ok(Claim::Abandoned {
+                fence: fence.clone(),
+                takeovers: n.parse().map_err(|_| StoreError::Reply("claim"))?,
+            }),
             _ => Err(StoreError::Reply("claim")),
         }
     }
@@ -501,13 +511,14 @@ impl Store {
     /// [`Store::handoff_done`]; one left behind is republished by the scheduler.
     pub async fn unlock(
         &self,
+        id: &str,
         locks: &[String],
         lock_keys: &[String],
         token: &str,
     ) -> Result<Vec<Handoff>, StoreError> {
         let mut c = self.conn().await?;
         let mut script = self.scripts.unlock.prepare_invoke();
-        script.key(locks).arg(token).arg(self.keys.tag());
+        script.key(locks).key(self.keys.task(id)).arg(token).arg(self.keys.tag());
         for k in lock_keys {
             script.arg(k);
         }

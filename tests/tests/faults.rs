@@ -144,6 +144,54 @@ async fn a_worker_frozen_past_its_lease_is_fenced_off() {
     env.cleanup().await;
 }
 
+/// Sidekiq Pro's poison pill: a task whose every attempt ends with its worker gone
+/// (here each worker is SIGKILLed while the task waits on the GPU) is given up once
+/// `FLOTA_MAX_ATTEMPTS` attempts were abandoned — a failed result and a dead letter,
+/// both saying why — instead of killing workers for ever. Without the rule the
+/// third worker runs it a third time: each redelivery meets the dead attempt's lock,
+/// is "busy" and comes back as a new message, so the delivery limit never counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_kills_its_workers_is_given_up_after_max_attempts() {
+    let env = TestEnv::new("poison-pill").await;
+    let gpu = procs::gpusim(&["--base-ms", "600000"]).await;
+    let vars = [
+        ("FLOTA_LOCK_LEASE_MS", "1000"),
+        ("FLOTA_MAX_ATTEMPTS", "2"),
+        ("FLOTA_CONCURRENCY", "1"),
+        ("FLOTA_GPU_TIMEOUT_MS", "600000"),
+    ];
+    let mut tap = env.tap_results().await;
+    env.publish_task(&interp("pill-1")).await;
+    for attempt in 1..=2u64 {
+        let worker = procs::worker(&env.env(), &gpu.url(), &vars).await;
+        flota_tests::eventually(&format!("attempt {attempt} claimed pill-1"), || async {
+            env.store.ledger("pill-1").await.unwrap().attempts == attempt
+        })
+        .await;
+        worker.signal("KILL").await;
+    }
+    let _last = procs::worker(&env.env(), &gpu.url(), &vars).await;
+    let result = tap.next().await.expect("a result");
+    assert_eq!((result.id.as_str(), result.status), ("pill-1", Status::Failed), "{result:?}");
+    let error = result.error.expect("an error");
+    assert_eq!(error.code.as_str(), "invalid_task", "{error:?}");
+    assert!(error.message.contains("given up after 2"), "{error:?}");
+    let dead = env.wait_dead(1).await;
+    assert_eq!(dead.len(), 1, "one dead letter");
+    assert_eq!(dead[0].reason.as_deref(), Some("invalid_task"));
+    assert!(dead[0].error.as_deref().unwrap_or("").contains("given up"), "{:?}", dead[0].error);
+    let ledger = env.store.ledger("pill-1").await.unwrap();
+    assert_eq!(
+        (ledger.attempts, ledger.applies),
+        (3, 1),
+        "two abandoned attempts, then the give-up: {ledger:?}"
+    );
+    let stats: serde_json::Value =
+        reqwest::get(format!("{}/stats", gpu.url())).await.unwrap().json().await.unwrap();
+    assert_eq!(stats["served"], 0, "the GPU never answered any attempt: {stats}");
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero_losing_nothing() {
     let env = TestEnv::new("sigterm").await;
@@ -297,5 +345,44 @@ async fn a_long_redis_outage_dead_letters_nothing() {
         "dead-lettered during the outage: {:?}",
         dead.iter().map(|d| (&d.reason, &d.error)).collect::<Vec<_>>()
     );
+    env.cleanup().await;
+}
+
+/// The count behind the poison-pill rule, on Redis itself: an attempt that lets go
+/// (unlock: a retry, a hand-back) is no takeover; one whose lease runs out is; a
+/// finished task's replay starts the count again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_abandoned_attempts_count_towards_giving_a_task_up() {
+    use flota_shared::store::{Claim, Finish, Reopened};
+    let env = TestEnv::new("takeovers").await;
+    let (store, id) = (&env.store, "tk-1");
+    let locks = store.lock_set(id, &[]);
+    let lease = Duration::from_millis(300);
+    // Claim with a limit of one takeover, looking again while the last attempt holds the lock.
+    let claim = |token: &'static str| async move {
+        loop {
+            match store.claim(id, &[], b"", token, lease, "w", "interpret", 1).await.expect("claim") {
+                Claim::Busy => tokio::time::sleep(Duration::from_millis(100)).await,
+                other => return other,
+            }
+        }
+    };
+
+    assert!(matches!(claim("a").await, Claim::Run(_)));
+    store.unlock(id, &locks, &[], "a").await.expect("unlock");
+    assert!(matches!(claim("b").await, Claim::Run(_)), "a clean let-go is no takeover");
+    // b's worker dies holding the task: c takes over once the lease runs out.
+    let fence = match claim("c").await {
+        Claim::Abandoned { fence, takeovers: 1 } => fence,
+        other => panic!("b was abandoned; one takeover is the limit: {other:?}"),
+    };
+    let failed = r#"{"status":"failed"}"#;
+    assert_eq!(store.finish(id, "c", &fence, "failed", failed).await.expect("finish"), Finish::Applied);
+    assert!(matches!(store.reopen(id).await.expect("reopen"), Reopened::Reopened));
+    assert!(matches!(claim("d").await, Claim::Run(_)), "a replay starts the count again");
+    match claim("e").await {
+        Claim::Abandoned { takeovers: 1, .. } => {}
+        other => panic!("d was abandoned, the first takeover since the replay: {other:?}"),
+    }
     env.cleanup().await;
 }

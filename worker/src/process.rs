@@ -231,7 +231,16 @@ async fn run_claimed(
     let locks = ctx.store.lock_set(&task.id, &task.lock_keys);
     let claim = match ctx
         .store
-        .claim(&task.id, &task.lock_keys, raw, &token, lease, &ctx.config.worker_id, task.kind.as_str())
+        .claim(
+            &task.id,
+            &task.lock_keys,
+            raw,
+            &token,
+            lease,
+            &ctx.config.worker_id,
+            task.kind.as_str(),
+            ctx.config.max_attempts,
+        )
         .instrument(tracing::info_span!(target: TRACE_ONLY, "lock"))
         .await
     {
@@ -266,6 +275,23 @@ async fn run_claimed(
             return Decision::Parked;
         }
         Claim::Run(fence) => fence,
+        Claim::Abandoned { fence, takeovers } => {
+            // Sidekiq Pro's poison pill: a task whose every attempt ends with its worker
+            // gone would otherwise kill workers for ever (each redelivery meets the dead
+            // attempt's lock, is "busy", and comes back as a new message, so the
+            // quorum queue's delivery limit never sees it).
+            tracing::error!(message = "Task given up: the attempts before this one were abandoned by their workers.", takeovers, fence = %fence);
+            let message = format!(
+                "given up after {takeovers} attempts ended without a word: each worker that ran it died or froze (a task that crashes workers?); not run again"
+            );
+            let code = ErrorCode::InvalidTask;
+            let started_at = envelope::now_rfc3339();
+            let result = failed_envelope_for(ctx, &task, &trace, attempt, started_at, code, &message);
+            let dead_letter = Some(DeadLetter { reason: code, error: message });
+            let effect = Effect::Failed(task.kind, Duration::ZERO);
+            let held = Held { token, fence, locks, attempt };
+            return conclude(ctx, task, &trace, held, result, dead_letter, effect, Duration::ZERO).await;
+        }
     };
 
     let started_at = envelope::now_rfc3339();
@@ -298,7 +324,7 @@ async fn run_claimed(
         Ok(out) => out,
         Err(stop) => {
             // Apply nothing; the task runs again (or already did, under a newer fence).
-            let _ = ctx.store.unlock(&locks, &task.lock_keys, &token).await;
+            let _ = ctx.store.unlock(&task.id, &locks, &task.lock_keys, &token).await;
             if let Stop::LeaseLost = stop {
                 ctx.metrics.fenced.inc();
                 let _ = ctx.store.note_fenced(&task.id).await;
@@ -339,7 +365,7 @@ async fn run_claimed(
         }
         Err(err) => match decide(&err, attempt, ctx.config.max_attempts) {
             Verdict::RetryLater { delay, attempt: next } => {
-                let _ = ctx.store.unlock(&locks, &task.lock_keys, &token).await;
+                let _ = ctx.store.unlock(&task.id, &locks, &task.lock_keys, &token).await;
                 ctx.metrics.retries_scheduled.inc();
                 tracing::warn!(message = "Attempt failed; retrying later.", error = %err, next_attempt = next, delay_ms = delay.as_millis() as u64);
                 return Decision::Retry { attempt: next, delay };
@@ -355,6 +381,32 @@ async fn run_claimed(
         },
     };
 
+    conclude(ctx, task, &trace, Held { token, fence, locks, attempt }, result, dead_letter, effect, elapsed)
+        .await
+}
+
+/// What an attempt that owns a task holds in Redis, and which attempt it is.
+struct Held {
+    token: String,
+    fence: String,
+    locks: Vec<String>,
+    attempt: u32,
+}
+
+/// Store an owned task's result through the fenced idempotent path, let go of its
+/// locks, and say what to report.
+#[allow(clippy::too_many_arguments)]
+async fn conclude(
+    ctx: &WorkerCtx,
+    task: TaskEnvelope,
+    trace: &TraceParent,
+    held: Held,
+    result: ResultEnvelope,
+    dead_letter: Option<DeadLetter>,
+    effect: Effect,
+    elapsed: Duration,
+) -> Decision {
+    let Held { token, fence, locks, attempt } = held;
     let body = result.to_json();
     let body_str = String::from_utf8_lossy(&body).into_owned();
     let finished = ctx.store.finish(&task.id, &token, &fence, result.status.as_str(), &body_str).await;
@@ -363,7 +415,7 @@ async fn run_claimed(
         // finish.lua freed the task lock; free the resource locks too and take the
         // first waiter of each, republished once this result is out. If that fails,
         // the scheduler's sweep republishes them from the hand-off hash.
-        wake = ctx.store.unlock(&locks, &task.lock_keys, &token).await.unwrap_or_default();
+        wake = ctx.store.unlock(&task.id, &locks, &task.lock_keys, &token).await.unwrap_or_default();
     }
     match finished {
         Ok(Finish::Applied) => {
@@ -395,7 +447,7 @@ async fn run_claimed(
             // Nothing applied: the task runs again once Redis answers (its lease, if the
             // unlock fails too, expires first and the claim then succeeds).
             tracing::warn!(message = "Cannot store result; Redis unavailable. Waiting in a delay queue.", error = %e);
-            let _ = ctx.store.unlock(&locks, &task.lock_keys, &token).await;
+            let _ = ctx.store.unlock(&task.id, &locks, &task.lock_keys, &token).await;
             redis_unavailable(attempt)
         }
     }
@@ -603,7 +655,8 @@ async fn report_new(
     let token = flota_shared::store::new_token();
     match ctx
         .store
-        .claim(id, &[], &[], &token, ctx.config.lock_lease, &ctx.config.worker_id, result.kind.as_str())
+        // Never given up (0): a rejected envelope is not run anyway.
+        .claim(id, &[], &[], &token, ctx.config.lock_lease, &ctx.config.worker_id, result.kind.as_str(), 0)
         .await
     {
         Ok(Claim::Done(stored)) => Decision::Report {
@@ -614,7 +667,7 @@ async fn report_new(
             wake: Vec::new(),
         },
         Ok(Claim::Busy | Claim::Queued(_)) => Decision::Retry { attempt, delay: BUSY_RETRY_DELAY },
-        Ok(Claim::Run(fence)) => {
+        Ok(Claim::Run(fence) | Claim::Abandoned { fence, .. }) => {
             let body = result.to_json();
             match ctx.store.finish(id, &token, &fence, "failed", &String::from_utf8_lossy(&body)).await {
                 Ok(Finish::Applied) => {
