@@ -518,7 +518,12 @@ impl Store {
     ) -> Result<Vec<Handoff>, StoreError> {
         let mut c = self.conn().await?;
         let mut script = self.scripts.unlock.prepare_invoke();
-        script.key(locks).key(self.keys.task(id)).arg(token).arg(self.keys.tag());
+        script
+            .key(locks)
+            .key(self.keys.task(id))
+            .arg(token)
+            .arg(self.keys.tag())
+            .arg(crate::envelope::now_rfc3339());
         for k in lock_keys {
             script.arg(k);
         }

@@ -349,8 +349,8 @@ async fn a_long_redis_outage_dead_letters_nothing() {
 }
 
 /// The count behind the poison-pill rule, on Redis itself: an attempt that lets go
-/// (unlock: a retry, a hand-back) is no takeover; one whose lease runs out is; a
-/// finished task's replay starts the count again.
+/// (unlock: a retry, a hand-back) is no takeover, and leaves the task `queued`; one
+/// whose lease runs out is; a finished task's replay starts the count again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_abandoned_attempts_count_towards_giving_a_task_up() {
     use flota_shared::store::{Claim, Finish, Reopened};
@@ -370,6 +370,8 @@ async fn only_abandoned_attempts_count_towards_giving_a_task_up() {
 
     assert!(matches!(claim("a").await, Claim::Run(_)));
     store.unlock(id, &locks, &[], "a").await.expect("unlock");
+    let state = store.task_state(id).await.expect("state").expect("known");
+    assert_eq!(state.status, "queued", "let go before a result, it waits for its next attempt");
     assert!(matches!(claim("b").await, Claim::Run(_)), "a clean let-go is no takeover");
     // b's worker dies holding the task: c takes over once the lease runs out.
     let fence = match claim("c").await {
