@@ -32,6 +32,9 @@ fn every_scenario_runs_and_writes_json() {
         assert_eq!(row["run"], i + 1, "{row}");
         assert!(row["tasks_per_s"].is_number() && row["ceiling_tasks_per_s"].is_number(), "{row}");
         assert!(row["ratio_cpu_per_task"].is_number() && row.get("summary").is_none(), "{row}");
+        // Every process switches threads at least once over 100 tasks, the ceiling too.
+        assert!(row["switches_per_task"].as_f64().is_some_and(|s| s > 0.0), "{row}");
+        assert!(row["ratio_switches_per_task"].is_number(), "{row}");
     }
     assert_eq!(rows[2]["summary"], "median of 2 runs", "{overhead}");
     assert!(rows[2]["ratio_tasks_per_s"].is_number() && rows[2]["cpu_s_per_1000"].is_number());

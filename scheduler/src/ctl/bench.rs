@@ -91,13 +91,19 @@ pub struct Figures {
     pub cpu_s_per_1000: f64,
     /// The part of `cpu_s_per_1000` spent by the scheduler (the rest: workers).
     pub scheduler_cpu_s_per_1000: Option<f64>,
+    /// Context switches per task of the same processes (every thread): how often a
+    /// thread was put to sleep and woken. Steadier than CPU time on a shared machine,
+    /// where a switch costs more or less as the neighbours come and go.
+    pub switches_per_task: f64,
     pub worker_peak_rss_mb: Vec<f64>,
     pub submit_p50_ms: Option<f64>,
     pub submit_p99_ms: Option<f64>,
     pub ceiling_tasks_per_s: Option<f64>,
     pub ceiling_cpu_s_per_1000: Option<f64>,
+    pub ceiling_switches_per_task: Option<f64>,
     pub ratio_tasks_per_s: Option<f64>,
     pub ratio_cpu_per_task: Option<f64>,
+    pub ratio_switches_per_task: Option<f64>,
 }
 
 fn gpusim_args(s: Scenario) -> Vec<&'static str> {
@@ -114,6 +120,27 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Context switches (voluntary and not) of every thread of a process so far,
+/// from /proc (`pid` None: this process). 0 when the process is gone.
+pub fn context_switches(pid: Option<u32>) -> u64 {
+    let dir = pid.map_or_else(|| "/proc/self/task".to_string(), |p| format!("/proc/{p}/task"));
+    let Ok(threads) = std::fs::read_dir(dir) else { return 0 };
+    threads
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| switches_in_status(&status))
+        .sum()
+}
+
+/// The two `*ctxt_switches:` lines of a /proc status file, added (pure).
+fn switches_in_status(status: &str) -> u64 {
+    status
+        .lines()
+        .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Peak resident set of a process in MB (VmHWM).
@@ -300,6 +327,7 @@ async fn workload(
     }
     let pids: Vec<u32> = target.worker_pids.iter().copied().chain(target.scheduler_pid).collect();
     let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let switches_before: u64 = pids.iter().map(|p| context_switches(Some(*p))).sum();
     let scheduler_cpu_before = target.scheduler_pid.map(cpu_seconds);
 
     let tasks: Vec<_> = (0..n).map(|i| task(i, &target.run, "m", deliberate)).collect();
@@ -340,6 +368,8 @@ async fn workload(
     wait_recorded(&http, &api, all, Duration::from_millis(20), RECORD_STALL).await?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+    let switches =
+        pids.iter().map(|p| context_switches(Some(*p))).sum::<u64>().saturating_sub(switches_before);
     let scheduler_cpu =
         target.scheduler_pid.zip(scheduler_cpu_before).map(|(p, before)| cpu_seconds(p) - before);
     let stats: Value = match &target.gpu {
@@ -369,6 +399,7 @@ async fn workload(
         gpu_peak_in_flight: stats["peak_in_flight"].as_i64().unwrap_or(0),
         cpu_s_per_1000: cpu / n as f64 * 1000.0,
         scheduler_cpu_s_per_1000: scheduler_cpu.map(|c| c / n as f64 * 1000.0),
+        switches_per_task: switches as f64 / n as f64,
         worker_peak_rss_mb: target.worker_pids.iter().copied().map(peak_rss_mb).collect(),
         submit_p50_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 50.0)),
         submit_p99_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 99.0)),
@@ -506,6 +537,9 @@ impl Figures {
         self.ceiling_cpu_s_per_1000 = Some(ccpu);
         self.ratio_tasks_per_s = Some(self.tasks_per_s / cps);
         self.ratio_cpu_per_task = (ccpu > 0.0).then(|| self.cpu_s_per_1000 / ccpu);
+        let cswitches = c.context_switches as f64 / c.tasks as f64;
+        self.ceiling_switches_per_task = Some(cswitches);
+        self.ratio_switches_per_task = (cswitches > 0.0).then(|| self.switches_per_task / cswitches);
     }
 }
 
@@ -546,6 +580,7 @@ pub fn medians(runs: &[Figures]) -> Figures {
         gpu_peak_in_flight: runs.iter().map(|f| f.gpu_peak_in_flight).max().unwrap_or(0),
         cpu_s_per_1000: of(|f| f.cpu_s_per_1000),
         scheduler_cpu_s_per_1000: of_some(|f| f.scheduler_cpu_s_per_1000),
+        switches_per_task: of(|f| f.switches_per_task),
         // The peak is what the memory target is about: the largest seen per worker.
         worker_peak_rss_mb: (0..rss_columns)
             .map(|i| runs.iter().filter_map(|r| r.worker_peak_rss_mb.get(i)).copied().fold(0.0, f64::max))
@@ -554,8 +589,10 @@ pub fn medians(runs: &[Figures]) -> Figures {
         submit_p99_ms: of_some(|f| f.submit_p99_ms),
         ceiling_tasks_per_s: of_some(|f| f.ceiling_tasks_per_s),
         ceiling_cpu_s_per_1000: of_some(|f| f.ceiling_cpu_s_per_1000),
+        ceiling_switches_per_task: of_some(|f| f.ceiling_switches_per_task),
         ratio_tasks_per_s: of_some(|f| f.ratio_tasks_per_s),
         ratio_cpu_per_task: of_some(|f| f.ratio_cpu_per_task),
+        ratio_switches_per_task: of_some(|f| f.ratio_switches_per_task),
     }
 }
 
@@ -591,6 +628,10 @@ fn print(all: &[Figures]) {
                 opt(f.ceiling_tasks_per_s, 0),
                 opt(f.ratio_tasks_per_s.map(|r| r * 100.0), 0),
                 opt(f.ratio_cpu_per_task, 2),
+                match f.ratio_switches_per_task {
+                    Some(r) => format!("{:.1} ({r:.2}×)", f.switches_per_task),
+                    None => format!("{:.1}", f.switches_per_task),
+                },
                 opt(f.submit_p99_ms, 1),
             ]
         })
@@ -610,6 +651,7 @@ fn print(all: &[Figures]) {
             "ceiling/s",
             "% ceiling",
             "CPU ×ceiling",
+            "switches/task (×ceiling)",
             "submit p99 ms",
         ],
         &rows,
@@ -648,6 +690,7 @@ mod tests {
             tasks: 100,
             tasks_per_s,
             cpu_s_per_1000: cpu,
+            switches_per_task: cpu * 10.0,
             worker_peak_rss_mb: vec![rss],
             ..Default::default()
         };
@@ -656,9 +699,19 @@ mod tests {
                 tasks: 100,
                 elapsed: Duration::from_secs_f64(100.0 / tasks),
                 cpu_seconds,
+                context_switches: 400,
             });
         }
         f
+    }
+
+    #[test]
+    fn switches_are_both_kinds_from_a_status_file() {
+        let status = "Name:\tflota-worker\nvoluntary_ctxt_switches:\t1200\nnonvoluntary_ctxt_switches:\t34\n";
+        assert_eq!(switches_in_status(status), 1234);
+        assert_eq!(switches_in_status("Name:\tgone\n"), 0);
+        // This process has at least one thread that has been switched out by now.
+        assert!(context_switches(None) > 0);
     }
 
     #[test]
@@ -677,6 +730,9 @@ mod tests {
         // not 80/100 and 0.6/0.25 from medians taken in different runs.
         assert_eq!(m.ratio_tasks_per_s, Some(0.625));
         assert!((m.ratio_cpu_per_task.unwrap() - 2.4).abs() < 1e-9, "{:?}", m.ratio_cpu_per_task);
+        // 4, 9, 6 switches a task against the ceiling's 4.
+        assert_eq!((m.switches_per_task, m.ceiling_switches_per_task), (6.0, Some(4.0)));
+        assert_eq!(m.ratio_switches_per_task, Some(1.5));
         assert_eq!(m.worker_peak_rss_mb, vec![33.0]);
         // Without a ceiling there is no ratio to take a median of.
         let plain = medians(&[run(1, 10.0, 1.0, None, 1.0), run(2, 20.0, 2.0, None, 2.0)]);

@@ -22,6 +22,8 @@ pub struct CeilingRun {
     pub tasks: u64,
     pub elapsed: Duration,
     pub cpu_seconds: f64,
+    /// Of every thread of this process (flotactl's own idle ones too: a few).
+    pub context_switches: u64,
 }
 
 fn quorum() -> FieldTable {
@@ -132,6 +134,7 @@ pub async fn run(config: &Config, gpu_url: &str, n: u64, concurrency: u16) -> an
         .await?;
 
     let cpu_before = process_cpu_seconds();
+    let switches_before = crate::ctl::bench::context_switches(None);
     let started = Instant::now();
     // Producer: publish N with a window of outstanding confirms.
     let producer = {
@@ -170,6 +173,7 @@ pub async fn run(config: &Config, gpu_url: &str, n: u64, concurrency: u16) -> an
     }
     let elapsed = started.elapsed();
     let cpu_seconds = process_cpu_seconds() - cpu_before;
+    let context_switches = crate::ctl::bench::context_switches(None).saturating_sub(switches_before);
     let _ = producer.await;
     worker.abort();
     // Consumers go first, so deleting the queues cancels nobody.
@@ -178,5 +182,5 @@ pub async fn run(config: &Config, gpu_url: &str, n: u64, concurrency: u16) -> an
         let _ = pub_ch.queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default()).await;
     }
     let _ = publish_conn.close(200, ShortString::from("done")).await;
-    Ok(CeilingRun { tasks: n, elapsed, cpu_seconds })
+    Ok(CeilingRun { tasks: n, elapsed, cpu_seconds, context_switches })
 }
