@@ -91,9 +91,10 @@ pub struct Figures {
     pub cpu_s_per_1000: f64,
     /// The part of `cpu_s_per_1000` spent by the scheduler (the rest: workers).
     pub scheduler_cpu_s_per_1000: Option<f64>,
-    /// Context switches per task of the same processes (every thread): how often a
-    /// thread was put to sleep and woken. Steadier than CPU time on a shared machine,
-    /// where a switch costs more or less as the neighbours come and go.
+    /// Voluntary context switches per task of the same processes (every thread): how
+    /// often a thread went to sleep to wait and was woken. Steadier than CPU time on a
+    /// shared machine, where a wake-up costs more or less as the neighbours come and
+    /// go; the involuntary ones (preemptions) are left out, as they count the neighbours.
     pub switches_per_task: f64,
     pub worker_peak_rss_mb: Vec<f64>,
     pub submit_p50_ms: Option<f64>,
@@ -122,8 +123,8 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Context switches (voluntary and not) of every thread of a process so far,
-/// from /proc (`pid` None: this process). 0 when the process is gone.
+/// Voluntary context switches of every thread of a process so far, from /proc
+/// (`pid` None: this process). 0 when the process is gone.
 pub fn context_switches(pid: Option<u32>) -> u64 {
     let dir = pid.map_or_else(|| "/proc/self/task".to_string(), |p| format!("/proc/{p}/task"));
     let Ok(threads) = std::fs::read_dir(dir) else { return 0 };
@@ -134,13 +135,13 @@ pub fn context_switches(pid: Option<u32>) -> u64 {
         .sum()
 }
 
-/// The two `*ctxt_switches:` lines of a /proc status file, added (pure).
+/// The `voluntary_ctxt_switches:` line of a /proc status file (pure).
 fn switches_in_status(status: &str) -> u64 {
     status
         .lines()
-        .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .sum()
+        .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// Peak resident set of a process in MB (VmHWM).
@@ -706,11 +707,11 @@ mod tests {
     }
 
     #[test]
-    fn switches_are_both_kinds_from_a_status_file() {
+    fn switches_are_the_voluntary_ones_of_a_status_file() {
         let status = "Name:\tflota-worker\nvoluntary_ctxt_switches:\t1200\nnonvoluntary_ctxt_switches:\t34\n";
-        assert_eq!(switches_in_status(status), 1234);
+        assert_eq!(switches_in_status(status), 1200);
         assert_eq!(switches_in_status("Name:\tgone\n"), 0);
-        // This process has at least one thread that has been switched out by now.
+        // This process has at least one thread that has waited for something by now.
         assert!(context_switches(None) > 0);
     }
 

@@ -22,7 +22,7 @@ pub struct CeilingRun {
     pub tasks: u64,
     pub elapsed: Duration,
     pub cpu_seconds: f64,
-    /// Of every thread of this process (flotactl's own idle ones too: a few).
+    /// Voluntary, of every thread of this process (flotactl's own idle ones too: a few).
     pub context_switches: u64,
 }
 
