@@ -13,7 +13,7 @@
 //! every handler answers from the store: the same as an ack that failed.
 //!
 //! The bookkeeping ([`AckLedger`]) is pure; [`AckBatcher`] is its I/O edge.
-//! [`hand_back_buffered`] settles what a cancelled consumer still holds.
+//! [`defer_buffered`] settles what a cancelled consumer still holds.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -26,6 +26,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+use crate::amqp::Publisher;
 
 /// One ack frame to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,25 +203,51 @@ impl AckBatcher {
 /// complete when the cancel returns, so this bounds only a broken channel.
 const HAND_BACK_WITHIN: Duration = Duration::from_secs(5);
 
-/// Give back to their queue (nack-requeue) the deliveries a consumer had
-/// buffered but nobody took, once `basic_cancel` for it has returned; returns
-/// how many. lapin queues a consumer's deliveries as they arrive, whether or
-/// not its stream is polled; dropping the consumer drops them too, and they
-/// stay unacked on the channel until it closes. After `basic.cancel-ok` the
-/// stream yields what it buffered, then ends, so this does not wait.
-pub async fn hand_back_buffered(mut consumer: lapin::Consumer) -> usize {
-    let mut handed_back = 0;
+/// What a consumer had buffered but nobody took, once `basic_cancel` for it has
+/// returned. lapin queues a consumer's deliveries as they arrive, whether or not
+/// its stream is polled; dropping the consumer drops them too, and they stay
+/// unacked on the channel until it closes. After `basic.cancel-ok` the stream
+/// yields what it buffered, then ends, so this does not wait.
+async fn take_buffered(mut consumer: lapin::Consumer) -> Vec<Delivery> {
+    let mut buffered = Vec::new();
     let drain = async {
         // An error means the channel failed: its deliveries go back with it.
         while let Some(Ok(delivery)) = consumer.next().await {
-            let requeue = BasicNackOptions { requeue: true, ..Default::default() };
-            if delivery.acker.nack(requeue).await.is_ok() {
-                handed_back += 1;
-            }
+            buffered.push(delivery);
         }
     };
     let _ = tokio::time::timeout(HAND_BACK_WITHIN, drain).await;
-    handed_back
+    buffered
+}
+
+/// Send the deliveries a cancelled consumer had buffered ([`take_buffered`]) to
+/// `delay_queue` (a delay tier that dead-letters them back to their work queue),
+/// unchanged, and ack each once the broker confirmed its copy; returns how many.
+/// A copy that is not confirmed is handed back (nack-requeue) instead.
+///
+/// Not nack-requeue for all: that spends one of the quorum queue's `x-delivery-limit`
+/// deliveries, and the worker cancels its deliberation consumer every time the
+/// GPU breaker opens: under a flapping breaker the same never-started
+/// deliberations would bounce until the broker dead-letters them, with no
+/// result and no reason of Flota's. A copy is a new message; waiting never
+/// spends a delivery.
+pub async fn defer_buffered(
+    consumer: lapin::Consumer,
+    channel: &lapin::Channel,
+    publisher: &Publisher,
+    delay_queue: &str,
+) -> usize {
+    let settle = take_buffered(consumer).await.into_iter().map(|delivery| async move {
+        match publisher.publish("", delay_queue, &delivery.data, delivery.properties.clone()).await {
+            Ok(()) => ack_detached(channel, &delivery).is_ok(),
+            Err(_) => {
+                let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+                let _ = delivery.acker.nack(requeue).await;
+                false
+            }
+        }
+    });
+    futures::future::join_all(settle).await.into_iter().filter(|deferred| *deferred).count()
 }
 
 /// Ack one delivery without waiting for lapin: for consumers that cannot

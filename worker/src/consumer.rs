@@ -134,12 +134,17 @@ async fn session(
                         deliberate_channel
                             .basic_cancel(ShortString::from(deliberate_tag.clone()), BasicCancelOptions::default())
                             .await?;
-                        // Sent before the cancel took effect, never started: back to their queue,
-                        // for a worker whose GPU path is up, not held here unacked.
+                        // Sent before the cancel took effect, never started: back to their queue
+                        // through the delay tier an open breaker waits in (not nack-requeue,
+                        // which spends a delivery each time the breaker opens), for a worker
+                        // whose GPU path is up, not held here unacked.
                         if let Some(cancelled) = deliberate.take() {
-                            let handed_back = acks::hand_back_buffered(cancelled).await;
-                            if handed_back > 0 {
-                                tracing::info!(message = "Buffered deliberations handed back.", handed_back);
+                            let tier = amqp::retry_tier_for(crate::error::BREAKER_OPEN_WAIT);
+                            let delay_queue = topo.retry_queue(Kind::Deliberate, tier);
+                            let deferred =
+                                acks::defer_buffered(cancelled, &deliberate_channel, &publisher, &delay_queue).await;
+                            if deferred > 0 {
+                                tracing::info!(message = "Buffered deliberations sent to wait out the open breaker.", deferred);
                             }
                         }
                     }

@@ -41,6 +41,9 @@ impl TaskError {
     }
 }
 
+/// How long a task that met the open breaker waits (in a delay queue) before it looks again.
+pub const BREAKER_OPEN_WAIT: Duration = Duration::from_secs(4);
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// End the task with a failed result.
@@ -65,9 +68,7 @@ pub fn decide(err: &TaskError, attempt: u32, max_attempts: u32) -> Verdict {
             }
         }
         // The breaker is open: wait without spending an attempt.
-        TaskError::Gpu(GpuError::BreakerOpen) => {
-            Verdict::RetryLater { delay: Duration::from_secs(4), attempt }
-        }
+        TaskError::Gpu(GpuError::BreakerOpen) => Verdict::RetryLater { delay: BREAKER_OPEN_WAIT, attempt },
         TaskError::Gpu(GpuError::Invalid { .. }) => {
             Verdict::Fail { code: ErrorCode::InvalidRequest, message }
         }
