@@ -135,6 +135,17 @@ impl TestEnv {
         redis::cmd("PTTL").arg(key).query_async(&mut c).await.expect("PTTL")
     }
 
+    /// Consumers of a queue now, `None` while it does not exist (passive declare).
+    pub async fn queue_consumers(&self, queue: &str) -> Option<u32> {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q =
+            channel.queue_declare(ShortString::from(queue.to_string()), passive, FieldTable::default()).await;
+        // A missing queue closes the channel; otherwise close it here.
+        let _ = channel.close(200, ShortString::from("done")).await;
+        q.ok().map(|q| q.consumer_count())
+    }
+
     /// Messages currently in a queue (passive declare).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         let channel = self.conn.create_channel().await.expect("channel");
