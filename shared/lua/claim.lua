@@ -17,7 +17,8 @@
 --         and n reached ARGV[8]: the task is taken to kill its workers, and is not to be run.
 -- The hash's `claim` field holds the token of the attempt that owns the task; unlock.lua
 -- clears it when that attempt lets go. Found set to another token when the lock is free,
--- it means that attempt was abandoned: a takeover.
+-- it means that attempt was abandoned: a takeover. Once a result is stored it is never
+-- read again (the 'done' answer comes first), until a replay clears it (reopen_failed.lua).
 local result = redis.call('HGET', KEYS[1], 'result')
 if result then
   return {'done', result}

@@ -18,7 +18,6 @@ if stale then
   return {'fenced'}
 end
 redis.call('HSET', KEYS[1], 'result', ARGV[4], 'status', ARGV[3], 'updated_at', ARGV[5])
-redis.call('HDEL', KEYS[1], 'claim')
 redis.call('HINCRBY', KEYS[3], 'applies', 1)
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return {'applied'}

@@ -308,6 +308,24 @@ async fn declare_the_rest(channel: &Channel, topo: &Topology, delivery_limit: u3
     Ok(())
 }
 
+/// Declare the topology, or, for a user without `configure` (docs/least-privilege.md),
+/// check that it exists: then the scheduler or an operator must have declared it.
+pub async fn ensure_topology(conn: &Connection, topo: &Topology, delivery_limit: u32) -> anyhow::Result<()> {
+    match declare_topology(conn, topo, delivery_limit).await {
+        Ok(()) => Ok(()),
+        Err(e) if is_access_refused(&e) => {
+            tracing::info!(message = "No permission to declare the topology; checking that it exists.");
+            check_topology(&conn.create_channel().await?, topo).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "the topology of {} is missing and this user may not declare it: {e}",
+                    topo.prefix()
+                )
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Check, without declaring anything, that the queues and exchanges a worker
 /// uses exist. For a least-privilege worker user without `configure` (which
 /// in RabbitMQ also allows deleting): the scheduler or an operator declared

@@ -135,30 +135,25 @@ impl TestEnv {
         redis::cmd("PTTL").arg(key).query_async(&mut c).await.expect("PTTL")
     }
 
-    /// Consumers of a queue now, `None` while it does not exist (passive declare).
-    pub async fn queue_consumers(&self, queue: &str) -> Option<u32> {
+    /// A queue's depth and consumers now, by passive declare (an error while it does not exist).
+    async fn passive_declare(&self, queue: &str) -> lapin::Result<lapin::Queue> {
         let channel = self.conn.create_channel().await.expect("channel");
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         let q =
             channel.queue_declare(ShortString::from(queue.to_string()), passive, FieldTable::default()).await;
         // A missing queue closes the channel; otherwise close it here.
         let _ = channel.close(200, ShortString::from("done")).await;
-        q.ok().map(|q| q.consumer_count())
+        q
     }
 
-    /// Messages currently in a queue (passive declare).
+    /// Consumers of a queue now, `None` while it does not exist.
+    pub async fn queue_consumers(&self, queue: &str) -> Option<u32> {
+        self.passive_declare(queue).await.ok().map(|q| q.consumer_count())
+    }
+
+    /// Messages currently in a queue (which must exist).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
-        let channel = self.conn.create_channel().await.expect("channel");
-        let q = channel
-            .queue_declare(
-                ShortString::from(queue.to_string()),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .expect("passive declare");
-        let _ = channel.close(200, ShortString::from("done")).await;
-        q.message_count()
+        self.passive_declare(queue).await.expect("passive declare").message_count()
     }
 
     /// Take every message from `P.dead` (acked: the test owns them).

@@ -77,20 +77,8 @@ async fn session(
     // Separate connections: broker flow control on publishes cannot stall acks.
     let consume_conn = amqp::connect(&ctx.config, &format!("{worker_id} consume")).await?;
     let publish_conn = amqp::connect(&ctx.config, &format!("{worker_id} publish")).await?;
-    if let Err(e) = amqp::declare_topology(&publish_conn, topo, ctx.config.delivery_limit).await {
-        if !amqp::is_access_refused(&e) {
-            return Err(e.into());
-        }
-        // A user without `configure` (which would also let it delete queues): the
-        // topology must already exist.
-        tracing::info!(message = "No permission to declare the topology; checking that it exists.");
-        amqp::check_topology(&publish_conn.create_channel().await?, topo).await.map_err(|e| {
-            anyhow::anyhow!(
-                "the topology of {} is missing and this user may not declare it: {e}",
-                topo.prefix()
-            )
-        })?;
-    }
+    // A user without `configure` (which would also let it delete queues) finds it declared.
+    amqp::ensure_topology(&publish_conn, topo, ctx.config.delivery_limit).await?;
     let publisher = Publisher::open(&publish_conn).await?;
 
     // One channel per queue: quorum queues have no global QoS, so each consumer

@@ -115,9 +115,15 @@ fn gpusim_args(s: Scenario) -> Vec<&'static str> {
     }
 }
 
-/// CPU seconds (user + system) of a process so far, from /proc.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+/// A process's directory in /proc (`pid` None: this process).
+fn proc_dir(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "/proc/self".to_string(), |p| format!("/proc/{p}"))
+}
+
+/// CPU seconds (user + system) of a process so far, from /proc (`pid` None:
+/// this process). 0 when the process is gone.
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("{}/stat", proc_dir(pid))) else { return 0.0 };
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
@@ -126,8 +132,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 /// Voluntary context switches of every thread of a process so far, from /proc
 /// (`pid` None: this process). 0 when the process is gone.
 pub fn context_switches(pid: Option<u32>) -> u64 {
-    let dir = pid.map_or_else(|| "/proc/self/task".to_string(), |p| format!("/proc/{p}/task"));
-    let Ok(threads) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(threads) = std::fs::read_dir(format!("{}/task", proc_dir(pid))) else { return 0 };
     threads
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
@@ -327,9 +332,9 @@ async fn workload(
         let _ = http.post(format!("{gpu}/admin/reset")).send().await;
     }
     let pids: Vec<u32> = target.worker_pids.iter().copied().chain(target.scheduler_pid).collect();
-    let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let cpu_before: f64 = pids.iter().map(|p| cpu_seconds(Some(*p))).sum();
     let switches_before: u64 = pids.iter().map(|p| context_switches(Some(*p))).sum();
-    let scheduler_cpu_before = target.scheduler_pid.map(cpu_seconds);
+    let scheduler_cpu_before = target.scheduler_pid.map(|p| cpu_seconds(Some(p)));
 
     let tasks: Vec<_> = (0..n).map(|i| task(i, &target.run, "m", deliberate)).collect();
     let started = Instant::now();
@@ -368,11 +373,11 @@ async fn workload(
     let all = recorded_before + (warm + n) as f64;
     wait_recorded(&http, &api, all, Duration::from_millis(20), RECORD_STALL).await?;
     let seconds = started.elapsed().as_secs_f64();
-    let cpu: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu_before;
+    let cpu: f64 = pids.iter().map(|p| cpu_seconds(Some(*p))).sum::<f64>() - cpu_before;
     let switches =
         pids.iter().map(|p| context_switches(Some(*p))).sum::<u64>().saturating_sub(switches_before);
     let scheduler_cpu =
-        target.scheduler_pid.zip(scheduler_cpu_before).map(|(p, before)| cpu_seconds(p) - before);
+        target.scheduler_pid.zip(scheduler_cpu_before).map(|(p, before)| cpu_seconds(Some(p)) - before);
     let stats: Value = match &target.gpu {
         Some(gpu) => match http.get(format!("{gpu}/stats")).send().await {
             Ok(r) => r.json().await.unwrap_or_default(),

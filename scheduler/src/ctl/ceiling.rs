@@ -32,14 +32,6 @@ fn quorum() -> FieldTable {
     t
 }
 
-/// CPU seconds (user + system) this process has used so far.
-pub fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// Run the loop on a single-threaded runtime of its own, as the worker runs:
 /// the ceiling must be the cheapest loop, or the ratios flatter Flota (a
 /// multi-threaded runtime spends more CPU per task on thread wake-ups).
@@ -133,7 +125,7 @@ pub async fn run(config: &Config, gpu_url: &str, n: u64, concurrency: u16) -> an
         )
         .await?;
 
-    let cpu_before = process_cpu_seconds();
+    let cpu_before = crate::ctl::bench::cpu_seconds(None);
     let switches_before = crate::ctl::bench::context_switches(None);
     let started = Instant::now();
     // Producer: publish N with a window of outstanding confirms.
@@ -172,7 +164,7 @@ pub async fn run(config: &Config, gpu_url: &str, n: u64, concurrency: u16) -> an
         }
     }
     let elapsed = started.elapsed();
-    let cpu_seconds = process_cpu_seconds() - cpu_before;
+    let cpu_seconds = crate::ctl::bench::cpu_seconds(None) - cpu_before;
     let context_switches = crate::ctl::bench::context_switches(None).saturating_sub(switches_before);
     let _ = producer.await;
     worker.abort();

@@ -128,19 +128,7 @@ async fn publish_session(
 ) -> anyhow::Result<()> {
     let conn = amqp::connect(config, "flotactl submit").await?;
     let topo = Topology::new(&config.prefix);
-    if let Err(e) = amqp::declare_topology(&conn, &topo, config.delivery_limit).await {
-        if !amqp::is_access_refused(&e) {
-            return Err(e.into());
-        }
-        // A producer user without `configure` (docs/least-privilege.md): the
-        // topology must exist already.
-        amqp::check_topology(&conn.create_channel().await?, &topo).await.map_err(|e| {
-            anyhow::anyhow!(
-                "the topology of {} is missing and this user may not declare it: {e}",
-                topo.prefix()
-            )
-        })?;
-    }
+    amqp::ensure_topology(&conn, &topo, config.delivery_limit).await?;
     let publisher = Publisher::open(&conn).await?;
     let exchange = topo.tasks_exchange();
     let pending: Vec<usize> = (0..tasks.len()).filter(|i| !confirmed[*i]).collect();
