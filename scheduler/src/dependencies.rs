@@ -78,8 +78,7 @@ impl Dependencies {
                 meta,
             };
             // The stored result wins if the task somehow finished meanwhile.
-            let stored =
-                self.store.store_result(&h.id, "failed", &String::from_utf8_lossy(&result.to_json())).await?;
+            let stored = self.store.store_result(&h.id, "failed", &result.to_json()).await?;
             self.broker
                 .publisher()
                 .await?

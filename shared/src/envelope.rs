@@ -641,11 +641,35 @@ pub struct DeliberateOutput {
 
 /// RFC 3339 UTC timestamp with milliseconds, as the contract shows.
 pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    now.format(&fmt).unwrap_or_default()
+    rfc3339_millis(time::OffsetDateTime::now_utc())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of a UTC time, written digit by digit: taken four
+/// times a task, `time`'s general formatter was ~2.5 % of a worker's instructions.
+/// Years outside 0..=9999 do not occur on a clock; they are clamped, not garbled.
+fn rfc3339_millis(t: time::OffsetDateTime) -> String {
+    fn digits(out: &mut Vec<u8>, value: u32, width: u32) {
+        for place in (0..width).rev() {
+            out.push(b'0' + (value / 10u32.pow(place) % 10) as u8);
+        }
+    }
+    let mut out = Vec::with_capacity(24);
+    digits(&mut out, t.year().clamp(0, 9999) as u32, 4);
+    out.push(b'-');
+    digits(&mut out, u8::from(t.month()) as u32, 2);
+    out.push(b'-');
+    digits(&mut out, t.day() as u32, 2);
+    out.push(b'T');
+    digits(&mut out, t.hour() as u32, 2);
+    out.push(b':');
+    digits(&mut out, t.minute() as u32, 2);
+    out.push(b':');
+    digits(&mut out, t.second() as u32, 2);
+    out.push(b'.');
+    digits(&mut out, t.millisecond() as u32, 3);
+    out.push(b'Z');
+    // Only ASCII digits and separators were written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Milliseconds between two of our RFC 3339 timestamps (`to` − `from`);
@@ -667,6 +691,21 @@ mod tests {
         assert_eq!(millis_between("yesterday", "2026-12-03T08:00:00.000Z"), None);
         let now = now_rfc3339();
         assert_eq!(millis_between(&now, &now), Some(0.0));
+    }
+
+    #[test]
+    fn timestamps_are_written_as_the_general_formatter_writes_them() {
+        let fmt = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        let at =
+            |unix_ms: i128| time::OffsetDateTime::from_unix_timestamp_nanos(unix_ms * 1_000_000).unwrap();
+        // The epoch, a leap day, the last millisecond of a year, and now.
+        let now = time::OffsetDateTime::now_utc();
+        for t in [at(0), at(951_782_400_007), at(1_798_761_599_999), now] {
+            assert_eq!(rfc3339_millis(t), t.format(&fmt).unwrap());
+        }
+        assert_eq!(rfc3339_millis(at(1_798_761_599_999)), "2026-12-31T23:59:59.999Z");
     }
     use serde_json::json;
 

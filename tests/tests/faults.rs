@@ -378,7 +378,7 @@ async fn only_abandoned_attempts_count_towards_giving_a_task_up() {
         Claim::Abandoned { fence, takeovers: 1 } => fence,
         other => panic!("b was abandoned; one takeover is the limit: {other:?}"),
     };
-    let failed = r#"{"status":"failed"}"#;
+    let failed = br#"{"status":"failed"}"#;
     assert_eq!(store.finish(id, "c", &fence, "failed", failed).await.expect("finish"), Finish::Applied);
     assert!(matches!(store.reopen(id).await.expect("reopen"), Reopened::Reopened));
     assert!(matches!(claim("d").await, Claim::Run(_)), "a replay starts the count again");

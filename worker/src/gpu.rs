@@ -13,6 +13,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -51,7 +52,7 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub max_tokens: u32,
     pub temperature: f32,
-    pub response_format: Option<&'static Value>,
+    pub response_format: Option<&'static RawValue>,
     /// The agent name for deliberation calls (OpenAI's `user` field).
     pub user: Option<String>,
     /// A model other than the fleet's default (a council agent's own).
@@ -65,7 +66,7 @@ struct WireRequest<'a> {
     max_tokens: u32,
     temperature: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    response_format: Option<&'a Value>,
+    response_format: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     user: Option<&'a str>,
 }
@@ -778,8 +779,8 @@ mod tests {
     #[test]
     fn chat_body_carries_response_format_and_user_when_given() {
         let mut req = chat_request(32);
-        static JSON_OBJECT: std::sync::LazyLock<Value> =
-            std::sync::LazyLock::new(|| serde_json::json!({"type": "json_object"}));
+        static JSON_OBJECT: std::sync::LazyLock<Box<RawValue>> =
+            std::sync::LazyLock::new(|| RawValue::from_string(r#"{"type": "json_object"}"#.into()).unwrap());
         req.response_format = Some(&JSON_OBJECT);
         req.user = Some("agent-a".into());
         let v = json_body(&built_chat(&req, None));

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use lapin::BasicProperties;
+use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -408,8 +409,7 @@ async fn conclude(
 ) -> Decision {
     let Held { token, fence, locks, attempt } = held;
     let body = result.to_json();
-    let body_str = String::from_utf8_lossy(&body).into_owned();
-    let finished = ctx.store.finish(&task.id, &token, &fence, result.status.as_str(), &body_str).await;
+    let finished = ctx.store.finish(&task.id, &token, &fence, result.status.as_str(), &body).await;
     let mut wake = Vec::new();
     if finished.is_ok() && !task.lock_keys.is_empty() {
         // finish.lua freed the task lock; free the resource locks too and take the
@@ -524,10 +524,11 @@ enum Effect {
 impl Effect {
     fn from_output(kind: Kind, output: &serde_json::Value, elapsed: Duration) -> Effect {
         match kind {
-            Kind::Interpret => serde_json::from_value::<InterpretOutput>(output.clone())
+            // Read in place (`&Value` is a deserializer): no copy of the output.
+            Kind::Interpret => InterpretOutput::deserialize(output)
                 .map(|o| Effect::Interpreted(o.intent, elapsed))
                 .unwrap_or(Effect::Failed(kind, elapsed)),
-            Kind::Deliberate => match serde_json::from_value::<DeliberateOutput>(output.clone()) {
+            Kind::Deliberate => match DeliberateOutput::deserialize(output) {
                 Ok(_) => Effect::Deliberated(elapsed),
                 Err(_) => Effect::Failed(kind, elapsed),
             },
@@ -669,7 +670,7 @@ async fn report_new(
         Ok(Claim::Busy | Claim::Queued(_)) => Decision::Retry { attempt, delay: BUSY_RETRY_DELAY },
         Ok(Claim::Run(fence) | Claim::Abandoned { fence, .. }) => {
             let body = result.to_json();
-            match ctx.store.finish(id, &token, &fence, "failed", &String::from_utf8_lossy(&body)).await {
+            match ctx.store.finish(id, &token, &fence, "failed", &body).await {
                 Ok(Finish::Applied) => {
                     ctx.metrics.task_finished(result.kind.as_str(), "failed", Duration::ZERO);
                     Decision::Report {
