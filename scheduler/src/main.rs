@@ -9,6 +9,10 @@ use flota_scheduler::state::{AppState, REDIS_POOL_SIZE};
 use flota_shared::config::{self, redact_url};
 use flota_shared::{shutdown, store, telemetry};
 
+/// How long the start waits for the broker to declare the topology before it
+/// serves anyway (the results session declares it once the broker answers).
+const DECLARE_AT_START_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = config::load_or_exit("flota-scheduler");
@@ -17,6 +21,9 @@ async fn main() -> anyhow::Result<()> {
     let store = store::Store::new(store::pool(&config, REDIS_POOL_SIZE)?, &config.prefix);
     let state = AppState::new(config.clone(), store);
 
+    // Before the line below: a producer that waits for it may publish `plan.approved` at once.
+    let topology = state.broker.topology().clone();
+    flota_scheduler::results::declare_at_start(&config, &topology, DECLARE_AT_START_WITHIN).await;
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
     let addr = listener.local_addr()?;
     tracing::info!(

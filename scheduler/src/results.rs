@@ -84,14 +84,17 @@ pub async fn run(state: AppState, shutdown: CancellationToken) {
     let _ = tokio::time::timeout(state.config.shutdown_grace, tracker.wait()).await;
 }
 
-async fn session(
-    state: &Arc<AppState>,
-    shutdown: &CancellationToken,
-    tracker: &TaskTracker,
+/// What the scheduler consumes, declared (idempotently): the contract's topology
+/// with `P.results`, and its own `P.plans` bound to `plan.approved` on `P.events`.
+/// Until that binding exists an approved plan published to `P.events` is routed
+/// nowhere, so `main` declares this once before it says it is listening, and
+/// each results session again before it consumes.
+pub async fn declare_own_topology(
+    conn: &lapin::Connection,
+    topo: &amqp::Topology,
+    delivery_limit: u32,
 ) -> anyhow::Result<()> {
-    let topo = state.broker.topology().clone();
-    let conn = amqp::connect(&state.config, "flota-scheduler consume").await?;
-    amqp::declare_topology(&conn, &topo, state.config.delivery_limit).await?;
+    amqp::declare_topology(conn, topo, delivery_limit).await?;
     let channel = conn.create_channel().await?;
     // The scheduler's own queue for approved plans.
     let mut args = FieldTable::default();
@@ -116,6 +119,46 @@ async fn session(
             FieldTable::default(),
         )
         .await?;
+    // Its own channel: a refusal closes only this one.
+    let _ = channel.close(200, ShortString::from("declared")).await;
+    Ok(())
+}
+
+/// Declare [`declare_own_topology`] on a connection of its own, within `within`;
+/// a broker that is down or slow is left to the results session, which retries.
+pub async fn declare_at_start(
+    config: &flota_shared::config::Config,
+    topo: &amqp::Topology,
+    within: Duration,
+) {
+    let declared = tokio::time::timeout(within, async {
+        let conn = amqp::connect(config, "flota-scheduler declare").await?;
+        let declared = declare_own_topology(&conn, topo, config.delivery_limit).await;
+        let _ = conn.close(200, ShortString::from("declared")).await;
+        declared
+    })
+    .await;
+    match declared {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(message = "Cannot declare the topology at start; the results session will.", error = %e)
+        }
+        Err(_) => tracing::warn!(
+            message = "The broker did not answer at start; the results session will declare the topology.",
+            within_s = within.as_secs()
+        ),
+    }
+}
+
+async fn session(
+    state: &Arc<AppState>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    let topo = state.broker.topology().clone();
+    let conn = amqp::connect(&state.config, "flota-scheduler consume").await?;
+    declare_own_topology(&conn, &topo, state.config.delivery_limit).await?;
+    let channel = conn.create_channel().await?;
     channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let results = channel
         .basic_consume(

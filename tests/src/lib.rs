@@ -146,11 +146,6 @@ impl TestEnv {
         q
     }
 
-    /// Consumers of a queue now, `None` while it does not exist.
-    pub async fn queue_consumers(&self, queue: &str) -> Option<u32> {
-        self.passive_declare(queue).await.ok().map(|q| q.consumer_count())
-    }
-
     /// Messages currently in a queue (which must exist).
     pub async fn queue_depth(&self, queue: &str) -> u32 {
         self.passive_declare(queue).await.expect("passive declare").message_count()

@@ -197,3 +197,34 @@ async fn the_runbooks_policy_dead_letters_unroutable_tasks_on_a_plain_exchange()
     drop(policy);
     env.cleanup().await;
 }
+
+/// The scheduler declares `P.plans` and binds it to `plan.approved` before it
+/// says it is listening: an approved plan published the moment it does (here
+/// `mandatory`, so an unroutable one would come back) reaches the scheduler.
+/// Before, the binding came with the results session, after the line, and on a
+/// broker where no scheduler had run yet such an event was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_plan_published_as_soon_as_the_scheduler_listens_is_routed() {
+    let env = TestEnv::new("topo-plans").await;
+    let channel = env.conn.create_channel().await.expect("channel");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    let _scheduler = procs::scheduler(&env.env(), &[]).await;
+    let confirm = channel
+        .basic_publish(
+            ShortString::from(env.topo.events_exchange()),
+            ShortString::from("plan.approved"),
+            BasicPublishOptions { mandatory: true, ..Default::default() },
+            b"{\"not\": \"a plan\"}",
+            task_properties("not-a-plan", &TraceParent::new_root().header(), 0),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(matches!(confirm, Confirmation::Ack(None)), "routed, not returned: {confirm:?}");
+    // It reached the scheduler: an unreadable event is dead-lettered, not dropped.
+    let dead = env.wait_dead(1).await;
+    assert_eq!(dead.len(), 1, "the event reached the scheduler and was dead-lettered");
+    assert_eq!(dead[0].reason.as_deref(), Some("invalid_task"));
+    env.cleanup().await;
+}
