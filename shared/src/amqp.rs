@@ -360,13 +360,15 @@ pub enum PublishError {
     Amqp(#[from] lapin::Error),
     #[error("no confirm from the broker within {0:?} (is it blocked by a resource alarm?)")]
     ConfirmTimeout(Duration),
+    #[error("gave up waiting for the confirm")]
+    GaveUp,
 }
 
-/// How long a publish waits for its confirm. A broker under a memory or disk
-/// alarm blocks publishers silently; without a bound, the caller would hang
-/// forever holding its delivery. Callers treat this like any failed publish:
-/// the delivery stays unacked, and a late confirm only makes a duplicate that
-/// the scheduler's record-once absorbs.
+/// How long [`Publisher::publish`] waits for its confirm (and how often
+/// [`Publisher::publish_holding`] says it still waits). A broker under a memory
+/// or disk alarm blocks publishers silently; without a bound, a caller would hang
+/// forever. A caller treats the timeout like any failed publish, and a late
+/// confirm only makes a duplicate that the scheduler's record-once absorbs.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A channel in confirm mode. Clone freely; clones share the channel.
@@ -399,19 +401,68 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let publish = async {
-            let confirm = self
-                .channel
-                .basic_publish(s(exchange), s(routing_key), BasicPublishOptions::default(), body, properties)
-                .await?;
-            match confirm.await? {
-                Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-                Confirmation::Nack(_) => Err(PublishError::Nacked),
-            }
-        };
-        tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+        tokio::time::timeout(CONFIRM_TIMEOUT, self.publish_confirmed(exchange, routing_key, body, properties))
             .await
             .unwrap_or(Err(PublishError::ConfirmTimeout(CONFIRM_TIMEOUT)))
+    }
+
+    /// Like [`Publisher::publish`], but without a time limit: waits for the confirm
+    /// of this one message until it comes, the channel fails, or `give_up` ends.
+    ///
+    /// For a publish that stands before a delivery's ack. A broker under a memory
+    /// or disk alarm blocks publishers for as long as the alarm lasts; giving the
+    /// delivery back after a timeout spent one of its quorum queue's
+    /// `x-delivery-limit` deliveries per timeout, and a long enough alarm had the
+    /// broker dead-letter finished tasks. Holding it costs nothing: the message is
+    /// already in the connection's hands and goes out, once, when the alarm clears.
+    ///
+    /// `still_wanted` is asked each [`CONFIRM_TIMEOUT`] of waiting (say, whether the
+    /// delivery's channel is still open: once it closed, the broker has it back).
+    pub async fn publish_holding(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        give_up: impl std::future::Future<Output = ()>,
+        still_wanted: impl Fn() -> bool,
+    ) -> Result<(), PublishError> {
+        let publish = self.publish_confirmed(exchange, routing_key, body, properties);
+        tokio::pin!(publish, give_up);
+        let mut waited = Duration::ZERO;
+        loop {
+            tokio::select! {
+                published = &mut publish => return published,
+                () = &mut give_up => return Err(PublishError::GaveUp),
+                () = tokio::time::sleep(CONFIRM_TIMEOUT) => {
+                    if !still_wanted() {
+                        return Err(PublishError::GaveUp);
+                    }
+                    waited += CONFIRM_TIMEOUT;
+                    tracing::warn!(
+                        message = "Publish not confirmed yet; holding its delivery until it is (is the broker blocked by a resource alarm?).",
+                        waited_s = waited.as_secs()
+                    );
+                }
+            }
+        }
+    }
+
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = self
+            .channel
+            .basic_publish(s(exchange), s(routing_key), BasicPublishOptions::default(), body, properties)
+            .await?;
+        match confirm.await? {
+            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use tokio::process::{Child, Command};
 /// Booting an Erlang node on a loaded 2-core machine is slow; generous on purpose.
 const BOOT_PATIENCE: Duration = Duration::from_secs(240);
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
 
 pub struct PrivateRabbitMq {
     child: Child,
@@ -44,6 +45,25 @@ impl PrivateRabbitMq {
         kill_group(&self.child);
         let _ = self.child.wait().await;
         self.child = boot(&self.node, self.port, self.dist_port, &self.dir).await;
+    }
+}
+
+impl PrivateRabbitMq {
+    /// Raise (or clear) a memory alarm on this node only: with the watermark
+    /// near zero the node blocks every publishing connection, as a real alarm
+    /// does, until it is set back.
+    pub async fn memory_alarm(&self, on: bool) {
+        let watermark = if on { "0.000001" } else { "0.4" };
+        // The CLI beside the server script, not Debian's wrapper (which switches to
+        // the rabbitmq user and its cookie): the node was started by this user.
+        let status = Command::new(CTL)
+            .args(["-n", &self.node, "set_vm_memory_high_watermark", watermark])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run {CTL}: {e}"));
+        assert!(status.success(), "{CTL} set_vm_memory_high_watermark {watermark} on {}", self.node);
     }
 }
 

@@ -75,3 +75,53 @@ async fn a_broker_crash_loses_and_doubles_nothing() {
     // The private broker goes away with its data; only the Redis keys need deleting.
     env.cleanup().await;
 }
+
+/// A memory alarm longer than a publish's confirm timeout, on a private node
+/// (it blocks every publisher of the node). The worker holds the deliveries
+/// whose results it cannot publish yet, instead of giving them back each time
+/// the confirm is late: a give-back spent one of the quorum queue's
+/// `x-delivery-limit` deliveries (and a long alarm had the broker dead-letter
+/// finished tasks), and each redelivery re-reported a stored result. When the
+/// alarm clears, each result goes out once and each task is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_memory_alarm_holds_results_and_spends_no_deliveries() {
+    let broker = PrivateRabbitMq::start().await;
+    let env = TestEnv::with_vars("rmq-alarm", &[("FLOTA_AMQP_URL", &broker.url())]).await;
+    // Long enough GPU calls that the alarm is raised while the tasks run.
+    let gpu = procs::gpusim(&["--base-ms", "2000"]).await;
+    let scheduler = procs::scheduler(&env.env(), &[]).await;
+    let worker = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    let ids: Vec<String> = (0..3).map(|i| format!("alarm-{i}")).collect();
+    for id in &ids {
+        publish(&env.publisher, &env, &task(id, &[])).await;
+    }
+    flota_tests::eventually("the worker runs the three tasks", || async {
+        let mut running = true;
+        for id in &ids {
+            let status = env.store.task_state(id).await.ok().flatten().map(|s| s.status);
+            running &= status.as_deref() == Some("running");
+        }
+        running
+    })
+    .await;
+
+    broker.memory_alarm(true).await;
+    // Past the confirm timeout, with a margin: the old worker gave the deliveries back here.
+    tokio::time::sleep(amqp::CONFIRM_TIMEOUT + std::time::Duration::from_secs(15)).await;
+    broker.memory_alarm(false).await;
+
+    wait_recorded(&scheduler.url(), 3, 3).await;
+    for id in &ids {
+        let state = env.store.task_state(id).await.expect("state").map(|s| s.status);
+        assert_eq!(state.as_deref(), Some("succeeded"), "{id}");
+        assert_eq!(env.store.ledger(id).await.expect("ledger").applies, 1, "{id}");
+    }
+    let scrape = reqwest::get(format!("{}/metrics", worker.url())).await.unwrap().text().await.unwrap();
+    assert_eq!(
+        flota_tests::metric_sample(&scrape, "flota_results_rereported_total"),
+        0.0,
+        "no delivery was given back and redelivered during the alarm"
+    );
+    assert!(env.drain_dead().await.is_empty(), "nothing dead-lettered");
+    env.cleanup().await;
+}

@@ -203,8 +203,10 @@ async fn session(
 }
 
 /// Process one delivery and carry out its decision. Acks only after the
-/// decision's publish is confirmed; on any publish failure the delivery is
-/// returned to the broker (it will be redelivered and answered from the store).
+/// decision's publish is confirmed, however long the broker takes (a resource
+/// alarm): the delivery is held meanwhile. When the publish fails (a nack, a
+/// closed channel) or the grace period ends first, the delivery is returned to
+/// the broker (it will be redelivered and answered from the store).
 async fn handle(
     ctx: &WorkerCtx,
     publisher: &Publisher,
@@ -218,18 +220,50 @@ async fn handle(
     async {
         let decision = process(ctx, &delivery.data, &delivery.properties, trace, hand_back).await;
         let publish = tracing::info_span!(target: TRACE_ONLY, "publish");
-        let published = carry_out(ctx, publisher, topo, kind, delivery, &decision).instrument(publish).await;
+        let hold = Hold { publisher, hand_back, channel: &received.channel };
+        let published = carry_out(ctx, &hold, topo, kind, delivery, &decision).instrument(publish).await;
         settle(ctx, publisher, topo, &received, decision, published).await;
     }
     .instrument(span)
     .await
 }
 
+/// Publishes that stand before a delivery's ack: each waits for its confirm as
+/// long as the delivery is held ([`Publisher::publish_holding`]): until the grace
+/// period is over (hand back) or the delivery's channel closed.
+struct Hold<'a> {
+    publisher: &'a Publisher,
+    hand_back: &'a CancellationToken,
+    channel: &'a lapin::Channel,
+}
+
+impl Hold<'_> {
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) -> Result<(), amqp::PublishError> {
+        let channel_open = || self.channel.status().connected();
+        self.publisher
+            .publish_holding(
+                exchange,
+                routing_key,
+                body,
+                properties,
+                self.hand_back.cancelled(),
+                channel_open,
+            )
+            .await
+    }
+}
+
 /// Publish what the decision says must be published before the ack. `None`:
 /// the delivery was handed back (nothing to ack).
 async fn carry_out(
     ctx: &WorkerCtx,
-    publisher: &Publisher,
+    hold: &Hold<'_>,
     topo: &Topology,
     kind: Kind,
     delivery: &Delivery,
@@ -240,19 +274,11 @@ async fn carry_out(
             // The scheduler's span becomes a child of this publish.
             let traceparent = flota_shared::telemetry::traceparent_in(&tracing::Span::current(), traceparent);
             let props = amqp::message_properties(id, &traceparent);
-            match publisher.publish(&topo.results_exchange(), "", body, props).await {
+            match hold.publish(&topo.results_exchange(), "", body, props).await {
                 Ok(()) => match dead_letter {
                     Some(dl) => {
-                        dead_letter_copy(
-                            ctx,
-                            publisher,
-                            topo,
-                            kind,
-                            delivery,
-                            &dl.reason.to_string(),
-                            &dl.error,
-                        )
-                        .await
+                        dead_letter_copy(ctx, hold, topo, kind, delivery, &dl.reason.to_string(), &dl.error)
+                            .await
                     }
                     None => Ok(()),
                 },
@@ -260,13 +286,13 @@ async fn carry_out(
             }
         }
         Decision::DeadLetter(dl) => {
-            dead_letter_copy(ctx, publisher, topo, kind, delivery, dl.reason.as_str(), &dl.error).await
+            dead_letter_copy(ctx, hold, topo, kind, delivery, dl.reason.as_str(), &dl.error).await
         }
         Decision::Retry { attempt, delay } => {
             let tier = amqp::retry_tier_for(*delay);
             let props =
                 with_headers(&delivery.properties, &[(HEADER_ATTEMPT, AMQPValue::LongInt(*attempt as i32))]);
-            publisher.publish("", &topo.retry_queue(kind, tier), &delivery.data, props).await
+            hold.publish("", &topo.retry_queue(kind, tier), &delivery.data, props).await
         }
         Decision::HandBack => return None,
         // The body is durably parked in Redis; the scheduler republishes it.
@@ -307,7 +333,7 @@ async fn settle(
             }
         }
         Err(e) => {
-            tracing::warn!(message = "Publish not confirmed; returning the delivery.", error = %e);
+            tracing::warn!(message = "Publish failed or given up; returning the delivery.", error = %e);
             tokio::time::sleep(Duration::from_millis(200)).await;
             let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
         }
@@ -339,7 +365,7 @@ async fn wake_waiters(ctx: &WorkerCtx, publisher: &Publisher, topo: &Topology, w
 
 async fn dead_letter_copy(
     ctx: &WorkerCtx,
-    publisher: &Publisher,
+    hold: &Hold<'_>,
     topo: &Topology,
     kind: Kind,
     delivery: &Delivery,
@@ -355,7 +381,7 @@ async fn dead_letter_copy(
             (HEADER_SOURCE_QUEUE, long_string(&topo.work_queue(kind))),
         ],
     );
-    publisher.publish(&topo.dead_letter_exchange(), kind.as_str(), &delivery.data, props).await
+    hold.publish(&topo.dead_letter_exchange(), kind.as_str(), &delivery.data, props).await
 }
 
 async fn consume(
