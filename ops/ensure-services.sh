@@ -133,6 +133,7 @@ main() {
   ensure_rabbitmq
   check_rabbitmq_alarms
   if [ "${1:-}" = "--test-tools" ]; then ensure_test_tools; fi
+  if [ "${1:-}" = "--profiler" ]; then command -v valgrind >/dev/null 2>&1 || apt_install valgrind; fi
 }
 
 main "$@"

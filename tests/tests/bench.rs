@@ -42,6 +42,10 @@ fn every_scenario_runs_and_writes_json() {
     assert!(bench("deliberation", "6", &[])[0]["p50_ms"].is_number());
     assert_eq!(bench("scale", "40", &[]).as_array().unwrap().len(), 3);
     assert!(bench("producers", "100", &[])[0]["submit_p99_ms"].is_number());
+    // The ceiling alone (what ops/bench-instructions.sh profiles): its own figures, no Flota run.
+    let alone = bench("overhead", "100", &["--ceiling-only"]);
+    assert_eq!(alone[0]["scenario"], "Overhead (ceiling only)", "{alone}");
+    assert!(alone[0]["tasks_per_s"].is_number() && alone[0]["ceiling_tasks_per_s"].is_number(), "{alone}");
 }
 
 /// `--api`: the bench measures a fleet it did not start, under the caller's

@@ -79,6 +79,9 @@ enum Command {
         /// Also run the minimal lapin loop and print ratios.
         #[arg(long)]
         ceiling: bool,
+        /// Run only the minimal lapin loop (for a profiler: `ops/bench-instructions.sh`).
+        #[arg(long, conflicts_with_all = ["ceiling", "api"])]
+        ceiling_only: bool,
         /// Measure this many times (Flota and the ceiling alternating which goes
         /// first) and add a row of medians: one pair of runs on a shared machine
         /// can be off by a third.
@@ -352,6 +355,7 @@ async fn run(cli: Cli, config: config::Config) -> anyhow::Result<ExitCode> {
             concurrency,
             workers,
             ceiling,
+            ceiling_only,
             repeat,
             json,
             api,
@@ -365,6 +369,7 @@ async fn run(cli: Cli, config: config::Config) -> anyhow::Result<ExitCode> {
                 concurrency,
                 workers,
                 ceiling,
+                ceiling_only,
                 repeat: repeat.into(),
                 json,
                 attach,

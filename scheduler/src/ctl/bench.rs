@@ -36,6 +36,8 @@ pub struct Options {
     pub concurrency: u16,
     pub workers: usize,
     pub ceiling: bool,
+    /// Run the ceiling alone (its figures in the Flota columns and the ceiling's).
+    pub ceiling_only: bool,
     /// Measure each fleet size this many times (with `ceiling`, Flota and the
     /// ceiling alternate which goes first) and add a row of medians.
     pub repeat: usize,
@@ -465,6 +467,15 @@ pub async fn run(config: &Config, opts: Options) -> anyhow::Result<Vec<Figures>>
     }
     let worker_counts = if opts.scenario == Scenario::Scale { vec![1, 2, 4] } else { vec![opts.workers] };
     let repeat = opts.repeat.max(1);
+    if opts.ceiling_only {
+        let w = opts.workers;
+        let runs = repeated(repeat, async |_| {
+            let c = measure_ceiling(config, opts.scenario, opts.n, opts.concurrency, w).await?;
+            Ok(Figures::of_ceiling(opts.scenario, w, opts.concurrency, &c))
+        })
+        .await?;
+        return report(&runs, opts.json.as_deref());
+    }
     let mut all = Vec::new();
     for w in worker_counts {
         let runs = repeated(repeat, async |run| {
@@ -535,6 +546,25 @@ async fn measure_ceiling(
 }
 
 impl Figures {
+    /// The ceiling's run alone, as if it were the measured fleet, and beside itself.
+    fn of_ceiling(scenario: Scenario, workers: usize, concurrency: u16, c: &ceiling::CeilingRun) -> Figures {
+        let seconds = c.elapsed.as_secs_f64();
+        let mut f = Figures {
+            scenario: format!("{scenario:?} (ceiling only)"),
+            run: 1,
+            workers,
+            concurrency,
+            tasks: c.tasks as usize,
+            seconds,
+            tasks_per_s: c.tasks as f64 / seconds,
+            cpu_s_per_1000: c.cpu_seconds / c.tasks as f64 * 1000.0,
+            switches_per_task: c.context_switches as f64 / c.tasks as f64,
+            ..Default::default()
+        };
+        f.set_ceiling(c);
+        f
+    }
+
     /// Put the ceiling's run beside this one, as figures and as ratios.
     fn set_ceiling(&mut self, c: &ceiling::CeilingRun) {
         let cps = c.tasks as f64 / c.elapsed.as_secs_f64();
