@@ -53,7 +53,8 @@ for n in "$N" $((2 * N)); do
         "$release/flotactl" bench --scenario gpu-bound --ceiling-only --n "$n" > /dev/null 2>&1
 done
 
-# The bench runs n/10 warm-up tasks (at least 10) before the measured n.
+# The bench runs warm-up tasks before the measured n: n/10, within 10..500
+# (`warm` in scheduler/src/ctl/bench.rs; change both together).
 tasks() { local n=$1 w=$(($1 / 10)); [ "$w" -lt 10 ] && w=10; [ "$w" -gt 500 ] && w=500; echo $((n + w)); }
 extra_fleet=$(($(tasks $((2 * N))) - $(tasks "$N")))
 per_task() { echo $((($2 - $1) / $3)); }

@@ -22,8 +22,8 @@ async fn main() -> anyhow::Result<()> {
     let state = AppState::new(config.clone(), store);
 
     // Before the line below: a producer that waits for it may publish `plan.approved` at once.
-    let topology = state.broker.topology().clone();
-    flota_scheduler::results::declare_at_start(&config, &topology, DECLARE_AT_START_WITHIN).await;
+    flota_scheduler::results::declare_at_start(&config, state.broker.topology(), DECLARE_AT_START_WITHIN)
+        .await;
     let listener = tokio::net::TcpListener::bind(config.http_addr).await?;
     let addr = listener.local_addr()?;
     tracing::info!(

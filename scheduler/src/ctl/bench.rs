@@ -312,6 +312,7 @@ async fn workload(
     // What the scheduler had recorded before (a running fleet has a history).
     let recorded_before = recorded(&http, &api).await?;
     // Warm-up, not measured.
+    // ops/bench-instructions.sh counts on this formula (`tasks` there).
     let warm = (n / 10).clamp(10, 500);
     let warm_tasks: Vec<_> = (0..warm).map(|i| task(i, &target.run, "warm", deliberate)).collect();
     submit::publish_all(cfg, &warm_tasks, || {}).await?;
@@ -548,17 +549,16 @@ async fn measure_ceiling(
 impl Figures {
     /// The ceiling's run alone, as if it were the measured fleet, and beside itself.
     fn of_ceiling(scenario: Scenario, workers: usize, concurrency: u16, c: &ceiling::CeilingRun) -> Figures {
-        let seconds = c.elapsed.as_secs_f64();
         let mut f = Figures {
             scenario: format!("{scenario:?} (ceiling only)"),
             run: 1,
             workers,
             concurrency,
             tasks: c.tasks as usize,
-            seconds,
-            tasks_per_s: c.tasks as f64 / seconds,
-            cpu_s_per_1000: c.cpu_seconds / c.tasks as f64 * 1000.0,
-            switches_per_task: c.context_switches as f64 / c.tasks as f64,
+            seconds: c.elapsed.as_secs_f64(),
+            tasks_per_s: c.tasks_per_s(),
+            cpu_s_per_1000: c.cpu_s_per_1000(),
+            switches_per_task: c.switches_per_task(),
             ..Default::default()
         };
         f.set_ceiling(c);
@@ -567,13 +567,12 @@ impl Figures {
 
     /// Put the ceiling's run beside this one, as figures and as ratios.
     fn set_ceiling(&mut self, c: &ceiling::CeilingRun) {
-        let cps = c.tasks as f64 / c.elapsed.as_secs_f64();
-        let ccpu = c.cpu_seconds / c.tasks as f64 * 1000.0;
+        let (cps, ccpu) = (c.tasks_per_s(), c.cpu_s_per_1000());
         self.ceiling_tasks_per_s = Some(cps);
         self.ceiling_cpu_s_per_1000 = Some(ccpu);
         self.ratio_tasks_per_s = Some(self.tasks_per_s / cps);
         self.ratio_cpu_per_task = (ccpu > 0.0).then(|| self.cpu_s_per_1000 / ccpu);
-        let cswitches = c.context_switches as f64 / c.tasks as f64;
+        let cswitches = c.switches_per_task();
         self.ceiling_switches_per_task = Some(cswitches);
         self.ratio_switches_per_task = (cswitches > 0.0).then(|| self.switches_per_task / cswitches);
     }

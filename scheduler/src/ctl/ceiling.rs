@@ -26,6 +26,18 @@ pub struct CeilingRun {
     pub context_switches: u64,
 }
 
+impl CeilingRun {
+    pub fn tasks_per_s(&self) -> f64 {
+        self.tasks as f64 / self.elapsed.as_secs_f64()
+    }
+    pub fn cpu_s_per_1000(&self) -> f64 {
+        self.cpu_seconds / self.tasks as f64 * 1000.0
+    }
+    pub fn switches_per_task(&self) -> f64 {
+        self.context_switches as f64 / self.tasks as f64
+    }
+}
+
 fn quorum() -> FieldTable {
     let mut t = FieldTable::default();
     t.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
