@@ -208,7 +208,7 @@ const HAND_BACK_WITHIN: Duration = Duration::from_secs(5);
 /// its stream is polled; dropping the consumer drops them too, and they stay
 /// unacked on the channel until it closes. After `basic.cancel-ok` the stream
 /// yields what it buffered, then ends, so this does not wait.
-async fn take_buffered(mut consumer: lapin::Consumer) -> Vec<Delivery> {
+pub async fn take_buffered(mut consumer: lapin::Consumer) -> Vec<Delivery> {
     let mut buffered = Vec::new();
     let drain = async {
         // An error means the channel failed: its deliveries go back with it.
@@ -223,7 +223,6 @@ async fn take_buffered(mut consumer: lapin::Consumer) -> Vec<Delivery> {
 /// Send the deliveries a cancelled consumer had buffered ([`take_buffered`]) to
 /// `delay_queue` (a delay tier that dead-letters them back to their work queue),
 /// unchanged, and ack each once the broker confirmed its copy; returns how many.
-/// A copy that is not confirmed is handed back (nack-requeue) instead.
 ///
 /// Not nack-requeue for all: that spends one of the quorum queue's `x-delivery-limit`
 /// deliveries, and the worker cancels its deliberation consumer every time the
@@ -231,14 +230,26 @@ async fn take_buffered(mut consumer: lapin::Consumer) -> Vec<Delivery> {
 /// deliberations would bounce until the broker dead-letters them, with no
 /// result and no reason of Flota's. A copy is a new message; waiting never
 /// spends a delivery.
-pub async fn defer_buffered(
-    consumer: lapin::Consumer,
+///
+/// Each copy waits for its confirm as long as its delivery is held, like a
+/// result ([`Publisher::publish_holding`]): a resource alarm only delays it. A
+/// copy is handed back (nack-requeue) only when the broker refused it, or
+/// `give_up` is cancelled first (the worker's drain is over), or the
+/// delivery's channel closed (then the broker has it back already).
+pub async fn defer(
+    deliveries: Vec<Delivery>,
     channel: &lapin::Channel,
     publisher: &Publisher,
     delay_queue: &str,
+    give_up: &CancellationToken,
 ) -> usize {
-    let settle = take_buffered(consumer).await.into_iter().map(|delivery| async move {
-        match publisher.publish("", delay_queue, &delivery.data, delivery.properties.clone()).await {
+    let channel_open = || channel.status().connected();
+    let settle = deliveries.into_iter().map(|delivery| async move {
+        let props = delivery.properties.clone();
+        match publisher
+            .publish_holding("", delay_queue, &delivery.data, props, give_up.cancelled(), channel_open)
+            .await
+        {
             Ok(()) => ack_detached(channel, &delivery).is_ok(),
             Err(_) => {
                 let requeue = BasicNackOptions { requeue: true, ..Default::default() };
@@ -248,6 +259,17 @@ pub async fn defer_buffered(
         }
     });
     futures::future::join_all(settle).await.into_iter().filter(|deferred| *deferred).count()
+}
+
+/// [`take_buffered`], then [`defer`] what it took.
+pub async fn defer_buffered(
+    consumer: lapin::Consumer,
+    channel: &lapin::Channel,
+    publisher: &Publisher,
+    delay_queue: &str,
+    give_up: &CancellationToken,
+) -> usize {
+    defer(take_buffered(consumer).await, channel, publisher, delay_queue, give_up).await
 }
 
 /// Ack one delivery without waiting for lapin: for consumers that cannot

@@ -129,10 +129,18 @@ async fn session(
                         if let Some(cancelled) = deliberate.take() {
                             let tier = amqp::retry_tier_for(crate::error::BREAKER_OPEN_WAIT);
                             let delay_queue = topo.retry_queue(Kind::Deliberate, tier);
-                            let deferred =
-                                acks::defer_buffered(cancelled, &deliberate_channel, &publisher, &delay_queue).await;
-                            if deferred > 0 {
-                                tracing::info!(message = "Buffered deliberations sent to wait out the open breaker.", deferred);
+                            // Taken here (complete once the cancel returned, so quick), before a
+                            // new consumer can take the tag; sent off the loop: under a resource
+                            // alarm the copies wait for their confirms as long as it lasts.
+                            let buffered = acks::take_buffered(cancelled).await;
+                            if !buffered.is_empty() {
+                                let (channel, publisher, hand_back) =
+                                    (deliberate_channel.clone(), publisher.clone(), hand_back.clone());
+                                tracker.spawn(async move {
+                                    let deferred =
+                                        acks::defer(buffered, &channel, &publisher, &delay_queue, &hand_back).await;
+                                    tracing::info!(message = "Buffered deliberations sent to wait out the open breaker.", deferred);
+                                });
                             }
                         }
                     }
