@@ -21,6 +21,11 @@ use flota_shared::telemetry::TraceParent;
 /// How often parked tasks are checked against their dependency deadline.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// A task envelope's kind; `interpret` when it has none that parses.
+fn kind_of(task: &serde_json::Value) -> Kind {
+    task["kind"].as_str().and_then(Kind::parse).unwrap_or(Kind::Interpret)
+}
+
 #[derive(Clone)]
 pub struct Dependencies {
     pub store: Store,
@@ -43,54 +48,71 @@ impl Dependencies {
 
     /// Republish a released task, or report a failed one; then clear the hand-off.
     pub async fn complete(&self, h: &Handoff, code: ErrorCode, why: &str) -> anyhow::Result<()> {
-        let task: serde_json::Value = serde_json::from_str(&h.body).unwrap_or_default();
-        let kind = task["kind"].as_str().and_then(Kind::parse).unwrap_or(Kind::Interpret);
-        let trace = TraceParent::new_root();
         if h.release {
+            let task: serde_json::Value = serde_json::from_str(&h.body).unwrap_or_default();
+            let trace = TraceParent::new_root();
             tracing::info!(message = "Releasing a waiting task (dependencies done or lock key free).", task_id = %h.id, trace_id = %trace.trace_id);
             self.broker
                 .publisher()
                 .await?
                 .publish(
                     &self.topo.tasks_exchange(),
-                    kind.as_str(),
+                    kind_of(&task).as_str(),
                     h.body.as_bytes(),
                     amqp::task_properties(&h.id, &trace.header(), 0),
                 )
                 .await?;
         } else {
             tracing::info!(message = "Failing a task whose dependency cannot succeed.", task_id = %h.id, code = code.as_str());
-            let now = envelope::now_rfc3339();
-            let meta = serde_json::from_value(task["meta"].clone()).unwrap_or_default();
-            let result = ResultEnvelope {
-                v: 1,
-                id: h.id.clone(),
-                kind,
-                status: Status::Failed,
-                output: None,
-                error: Some(ErrorBody { code, message: why.to_string() }),
-                attempts: 0,
-                worker: "scheduler".into(),
-                trace_id: trace.trace_id.clone(),
-                started_at: now.clone(),
-                finished_at: now,
-                usage: Usage::default(),
-                meta,
-            };
-            // The stored result wins if the task somehow finished meanwhile.
-            let stored = self.store.store_result(&h.id, "failed", &result.to_json()).await?;
-            self.broker
-                .publisher()
-                .await?
-                .publish(
-                    &self.topo.results_exchange(),
-                    "",
-                    stored.as_bytes(),
-                    amqp::message_properties(&h.id, &trace.header()),
-                )
-                .await?;
+            self.report_failure(&h.id, h.body.as_bytes(), code, why).await?;
         }
         self.store.handoff_done(h).await?;
+        Ok(())
+    }
+
+    /// Fail a task the fleet will not run, with a result like any other failure: stored
+    /// unless the task already has one (the stored result wins, and is what is
+    /// published), then published to `P.results`, where the scheduler records it
+    /// and fails its dependents in turn. `task_body` is the task's envelope, for its
+    /// kind and `meta` (a body that does not parse gives `interpret` and none).
+    pub async fn report_failure(
+        &self,
+        id: &str,
+        task_body: &[u8],
+        code: ErrorCode,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        let task: serde_json::Value = serde_json::from_slice(task_body).unwrap_or_default();
+        let kind = kind_of(&task);
+        let trace = TraceParent::new_root();
+        let now = envelope::now_rfc3339();
+        let meta = serde_json::from_value(task["meta"].clone()).unwrap_or_default();
+        let result = ResultEnvelope {
+            v: 1,
+            id: id.to_string(),
+            kind,
+            status: Status::Failed,
+            output: None,
+            error: Some(ErrorBody { code, message: why.to_string() }),
+            attempts: 0,
+            worker: "scheduler".into(),
+            trace_id: trace.trace_id.clone(),
+            started_at: now.clone(),
+            finished_at: now,
+            usage: Usage::default(),
+            meta,
+        };
+        let stored = self.store.store_result(id, "failed", &result.to_json()).await?;
+        self.broker
+            .publisher()
+            .await?
+            .publish(
+                &self.topo.results_exchange(),
+                "",
+                stored.as_bytes(),
+                amqp::message_properties(id, &trace.header()),
+            )
+            .await?;
         Ok(())
     }
 

@@ -21,6 +21,7 @@ pub mod auth;
 pub mod broker;
 pub mod ctl;
 pub mod dataloss;
+pub mod deadletters;
 pub mod dependencies;
 pub mod fleet;
 pub mod graph;

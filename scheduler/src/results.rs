@@ -1,6 +1,6 @@
-//! Consumes `P.results` (and `plan.approved` events): records each task's
-//! result once, releases or fails its dependents, publishes the plan and
-//! failure events. A supervisor loop reconnects, re-declares, re-applies
+//! Consumes `P.results` (and `plan.approved` events, and its copy of the dead
+//! letters: `crate::deadletters`): records each task's result once, releases
+//! or fails its dependents, publishes the plan and failure events. A supervisor loop reconnects, re-declares, re-applies
 //! prefetch and re-consumes after any connection or consumer error; a
 //! delivery is acked only after the record is in Redis, on its own channel,
 //! in batches (`flota_shared::acks`).
@@ -97,31 +97,41 @@ pub async fn declare_own_topology(
     amqp::declare_topology(conn, topo, delivery_limit).await?;
     let channel = conn.create_channel().await?;
     // The scheduler's own queue for approved plans.
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
-    args.insert(
-        ShortString::from("x-dead-letter-exchange"),
-        AMQPValue::LongString(topo.dead_letter_exchange().into()),
-    );
-    channel
-        .queue_declare(
-            ShortString::from(topo.plans_queue()),
-            QueueDeclareOptions { durable: true, ..Default::default() },
-            args,
-        )
-        .await?;
-    channel
-        .queue_bind(
-            ShortString::from(topo.plans_queue()),
-            ShortString::from(topo.events_exchange()),
-            ShortString::from(plans::EVENT_APPROVED),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let plans_dead_letter_to = Some(topo.dead_letter_exchange());
+    let approved = (topo.events_exchange(), plans::EVENT_APPROVED);
+    declare_bound_queue(&channel, &topo.plans_queue(), plans_dead_letter_to, approved).await?;
+    // Its own copy of every dead letter (crate::deadletters): no delivery limit, no
+    // dead-lettering of its own; a copy it cannot handle yet goes back to it.
+    let every_dead_letter = (topo.dead_letter_exchange(), "");
+    declare_bound_queue(&channel, &topo.dead_watch_queue(), None, every_dead_letter).await?;
     // Its own channel: a refusal closes only this one.
     let _ = channel.close(200, ShortString::from("declared")).await;
     Ok(())
+}
+
+/// A durable quorum queue of the scheduler's own, bound to `(exchange, routing key)`.
+async fn declare_bound_queue(
+    channel: &lapin::Channel,
+    queue: &str,
+    dead_letter_exchange: Option<String>,
+    (exchange, routing_key): (String, &str),
+) -> lapin::Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
+    if let Some(dlx) = dead_letter_exchange {
+        args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(dlx.into()));
+    }
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(ShortString::from(queue), durable, args).await?;
+    channel
+        .queue_bind(
+            ShortString::from(queue),
+            ShortString::from(exchange),
+            ShortString::from(routing_key),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Declare [`declare_own_topology`] on a connection of its own, within `within`;
@@ -150,6 +160,37 @@ pub async fn declare_at_start(
     }
 }
 
+/// A channel of its own with `prefetch`, consuming `queue` as `tag`.
+async fn consume_on(
+    conn: &lapin::Connection,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> lapin::Result<(lapin::Channel, lapin::Consumer)> {
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let consumer = channel
+        .basic_consume(
+            ShortString::from(queue),
+            ShortString::from(tag),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
+}
+
+/// Which of the session's consumers a delivery came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// `P.results`: acked in batches ([`AckBatcher`]).
+    Result,
+    /// `P.plans`: `plan.approved` events.
+    Plan,
+    /// `P.dead.watch`: the scheduler's copy of every dead letter.
+    DeadLetter,
+}
+
 async fn session(
     state: &Arc<AppState>,
     shutdown: &CancellationToken,
@@ -158,27 +199,15 @@ async fn session(
     let topo = state.broker.topology().clone();
     let conn = amqp::connect(&state.config, "flota-scheduler consume").await?;
     declare_own_topology(&conn, &topo, state.config.delivery_limit).await?;
-    let channel = conn.create_channel().await?;
-    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let results = channel
-        .basic_consume(
-            ShortString::from(topo.results_queue()),
-            ShortString::from("flota-scheduler"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let plans_channel = conn.create_channel().await?;
-    plans_channel.basic_qos(16, BasicQosOptions::default()).await?;
-    let approved = plans_channel
-        .basic_consume(
-            ShortString::from(topo.plans_queue()),
-            ShortString::from("flota-scheduler-plans"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut deliveries = futures::stream::select(results.map(|d| (false, d)), approved.map(|d| (true, d)));
+    let (channel, results) = consume_on(&conn, &topo.results_queue(), "flota-scheduler", PREFETCH).await?;
+    let (_plans_channel, approved) =
+        consume_on(&conn, &topo.plans_queue(), "flota-scheduler-plans", 16).await?;
+    let (_dead_channel, dead) =
+        consume_on(&conn, &topo.dead_watch_queue(), "flota-scheduler-dead", 16).await?;
+    let mut deliveries = futures::stream::select(
+        futures::stream::select(results.map(|d| (Source::Result, d)), approved.map(|d| (Source::Plan, d))),
+        dead.map(|d| (Source::DeadLetter, d)),
+    );
     // The results channel has this one consumer for its whole life, as the batcher needs.
     let acks = AckBatcher::new(channel.clone(), ACK_WINDOW);
     // Not a child of `shutdown`: the deliveries finished during the drain still need it.
@@ -201,11 +230,11 @@ async fn session(
         let mut next = first;
         let ended = loop {
             match next {
-                Some((is_plan, Ok(delivery))) => {
-                    if !is_plan {
+                Some((source, Ok(delivery))) => {
+                    if source == Source::Result {
                         acks.delivered(&delivery);
                     }
-                    gathered.push((is_plan, delivery));
+                    gathered.push((source, delivery));
                 }
                 Some((_, Err(e))) => break Some(anyhow::anyhow!("consumer error: {e}")),
                 None => break Some(anyhow::anyhow!("consumer stream ended")),
@@ -216,16 +245,16 @@ async fn session(
             }
         };
         // Spawned in one go, so their Redis commands share a write and their replies a wake-up.
-        for (is_plan, delivery) in gathered.drain(..) {
+        for (source, delivery) in gathered.drain(..) {
             let (state, shutdown, acks) = (Arc::clone(state), shutdown.clone(), acks.clone());
             // Boxed: the future is ~11 KB, and tokio::spawn moved it by value several
             // times (a few per cent of the time; half of callgrind's count, which
             // counts a large copy one instruction per byte).
             tracker.spawn(Box::pin(async move {
-                if is_plan {
-                    handle_plan(&state, delivery).await
-                } else {
-                    handle_result(&state, delivery, &shutdown, &acks).await
+                match source {
+                    Source::Result => handle_result(&state, delivery, &shutdown, &acks).await,
+                    Source::Plan => handle_plan(&state, delivery).await,
+                    Source::DeadLetter => crate::deadletters::handle(&state, delivery).await,
                 }
             }));
         }

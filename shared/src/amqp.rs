@@ -77,6 +77,13 @@ impl Topology {
     pub fn plans_queue(&self) -> String {
         format!("{}.plans", self.prefix)
     }
+    /// The scheduler's own copy of every dead letter (bound to `P.dlx` beside
+    /// `P.dead`, declared by the scheduler): what the broker dead-letters by
+    /// itself (over `x-delivery-limit`) has no result yet, and the scheduler
+    /// fails the task for it. `P.dead` stays the operators' queue.
+    pub fn dead_watch_queue(&self) -> String {
+        format!("{}.dead.watch", self.prefix)
+    }
 
     /// Every queue Flota declares under this prefix, in display order.
     pub fn all_queues(&self) -> Vec<String> {
@@ -92,6 +99,7 @@ impl Topology {
             }
         }
         q.push(self.plans_queue());
+        q.push(self.dead_watch_queue());
         q
     }
 

@@ -237,6 +237,19 @@ pub async fn recorded_total(scheduler_url: &str) -> Option<u64> {
     Some(total as u64)
 }
 
+/// A consumer of `queue` on `channel`, named `tag`; acks are the caller's.
+pub async fn consume(channel: &Channel, queue: &str, tag: &str) -> lapin::Consumer {
+    channel
+        .basic_consume(
+            ShortString::from(queue),
+            ShortString::from(tag),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume")
+}
+
 /// `flotactl ARGS` against this prefix's fleet (its environment, no stdin):
 /// exit code, stdout, stderr. Bounded by PATIENCE.
 pub async fn flotactl(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {

@@ -5,8 +5,8 @@
 //! broker is slow to confirm the copies (a resource alarm).
 
 use futures::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::{BasicCancelOptions, BasicGetOptions, BasicQosOptions};
+use lapin::types::ShortString;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +14,7 @@ use flota_shared::acks;
 use flota_shared::amqp;
 use flota_shared::envelope::Kind;
 use flota_tests::private_rabbitmq::PrivateRabbitMq;
-use flota_tests::{TestEnv, eventually};
+use flota_tests::{TestEnv, consume, eventually};
 
 async fn publish_deliberations(env: &TestEnv, name: &str, n: usize) {
     for i in 0..n {
@@ -22,19 +22,6 @@ async fn publish_deliberations(env: &TestEnv, name: &str, n: usize) {
             "input": {"role": "DEV", "task": "t"}}))
             .await;
     }
-}
-
-/// A consumer of `queue` on `channel`, with its tag.
-async fn consume(channel: &lapin::Channel, queue: &str, tag: &str) -> lapin::Consumer {
-    channel
-        .basic_consume(
-            ShortString::from(queue),
-            ShortString::from(tag),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume")
 }
 
 async fn pushed_all(env: &TestEnv, queue: &str) {

@@ -98,15 +98,15 @@ fn worker_without_configure_permissions(prefix: &str) -> [String; 3] {
 }
 
 /// RabbitMQ permissions of the scheduler role for one prefix
-/// (docs/least-privilege.md): the worker's topology plus its own `P.plans`,
-/// publishing tasks, events, results and dead letters, consuming `P.results`
-/// and `P.plans`.
+/// (docs/least-privilege.md): the worker's topology plus its own `P.plans` and
+/// `P.dead.watch`, publishing tasks, events, results and dead letters, consuming
+/// `P.results`, `P.plans` and `P.dead.watch`.
 fn scheduler_permissions(prefix: &str) -> [String; 3] {
     let p = prefix.replace('.', "\\.");
     [
-        format!("^{p}\\.(tasks|results|dlx|events|dead|interpret|deliberate|plans|retry\\..+)$"),
-        format!("^{p}\\.(tasks|results|dlx|events|dead|interpret|deliberate|plans)$"),
-        format!("^{p}\\.(tasks|results|dlx|events|interpret|deliberate|plans|retry\\..+)$"),
+        format!("^{p}\\.(tasks|results|dlx|events|dead|dead\\.watch|interpret|deliberate|plans|retry\\..+)$"),
+        format!("^{p}\\.(tasks|results|dlx|events|dead|dead\\.watch|interpret|deliberate|plans)$"),
+        format!("^{p}\\.(tasks|results|dlx|events|dead\\.watch|interpret|deliberate|plans|retry\\..+)$"),
     ]
 }
 

@@ -9,15 +9,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::options::{BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, ShortString};
 use serde_json::{Value, json};
 
 use flota_shared::amqp::{self, HEADER_ATTEMPT, HEADER_ERROR, HEADER_SOURCE_QUEUE};
 use flota_shared::envelope::{ErrorCode, Kind, Status};
 use flota_tests::proxy::FaultProxy;
 use flota_tests::{
-    PATIENCE, TestEnv, dlq_reasons, eventually, flotactl, metric_sample, procs, wait_recorded,
+    PATIENCE, TestEnv, consume, dlq_reasons, eventually, flotactl, metric_sample, procs, wait_recorded,
 };
 
 /// The model gpusim serves by default (set so no `/v1/models` lookup is needed).
@@ -227,15 +227,7 @@ async fn dlq_replay_by_id_and_all_brings_tasks_back() {
     {
         let ch = env.conn.create_channel().await.expect("channel");
         ch.basic_qos(10, BasicQosOptions::default()).await.expect("qos");
-        let mut crashing = ch
-            .basic_consume(
-                ShortString::from(env.topo.work_queue(Kind::Interpret)),
-                ShortString::from("crashing"),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
+        let mut crashing = consume(&ch, &env.topo.work_queue(Kind::Interpret), "crashing").await;
         let dead_queue = env.topo.dead_queue();
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while env.queue_depth(&dead_queue).await < crashed.len() as u32 {
