@@ -1,9 +1,10 @@
 //! Consumes `P.results` (and `plan.approved` events, and its copy of the dead
 //! letters: `crate::deadletters`): records each task's result once, releases
-//! or fails its dependents, publishes the plan and failure events. A supervisor loop reconnects, re-declares, re-applies
-//! prefetch and re-consumes after any connection or consumer error; a
-//! delivery is acked only after the record is in Redis, on its own channel,
-//! in batches (`flota_shared::acks`).
+//! or fails its dependents, publishes the plan and failure events. A
+//! supervisor loop reconnects, re-declares, re-applies prefetch and
+//! re-consumes after any connection or consumer error; a result is acked only
+//! after the record is in Redis, on its own channel, in batches
+//! (`flota_shared::acks`).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -54,7 +54,9 @@ impl TestEnv {
     }
 
     /// Like [`TestEnv::new`], with configuration variables overridden (say,
-    /// `FLOTA_REDIS_URL` of a private Redis); children get them through [`TestEnv::env`].
+    /// `FLOTA_REDIS_URL` of a private Redis). Children get the prefix and the
+    /// AMQP and Redis URLs through [`TestEnv::env`]; pass any other override to
+    /// them yourself (say, `FLOTA_DELIVERY_LIMIT`).
     pub async fn with_vars(name: &str, overrides: &[(&str, &str)]) -> TestEnv {
         let prefix = format!("t-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let mut vars = HashMap::from([("FLOTA_PREFIX".to_string(), prefix.clone())]);
