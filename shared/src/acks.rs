@@ -27,7 +27,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::Publisher;
+use crate::amqp::{Holding, Publisher};
 
 /// One ack frame to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +232,7 @@ pub async fn take_buffered(mut consumer: lapin::Consumer) -> Vec<Delivery> {
 /// spends a delivery.
 ///
 /// Each copy waits for its confirm as long as its delivery is held, like a
-/// result ([`Publisher::publish_holding`]): a resource alarm only delays it. A
+/// result ([`Holding`]): a resource alarm only delays it. A
 /// copy is handed back (nack-requeue) only when the broker refused it, or
 /// `give_up` is cancelled first (the worker's drain is over), or the
 /// delivery's channel closed (then the broker has it back already).
@@ -243,13 +243,9 @@ pub async fn defer(
     delay_queue: &str,
     give_up: &CancellationToken,
 ) -> usize {
-    let channel_open = || channel.status().connected();
+    let hold = &Holding { publisher, give_up, channel };
     let settle = deliveries.into_iter().map(|delivery| async move {
-        let props = delivery.properties.clone();
-        match publisher
-            .publish_holding("", delay_queue, &delivery.data, props, give_up.cancelled(), channel_open)
-            .await
-        {
+        match hold.publish("", delay_queue, &delivery.data, delivery.properties.clone()).await {
             Ok(()) => ack_detached(channel, &delivery).is_ok(),
             Err(_) => {
                 let requeue = BasicNackOptions { requeue: true, ..Default::default() };

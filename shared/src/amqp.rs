@@ -474,6 +474,31 @@ impl Publisher {
     }
 }
 
+/// Publishes that stand before the ack of a delivery held on `channel` (a
+/// result, a retry or dead-letter copy, a deferred copy): each waits for its
+/// confirm as long as the delivery is held ([`Publisher::publish_holding`]),
+/// until `give_up` is cancelled (the drain's grace is over) or `channel` closed
+/// (then the broker has the delivery back).
+pub struct Holding<'a> {
+    pub publisher: &'a Publisher,
+    pub give_up: &'a tokio_util::sync::CancellationToken,
+    pub channel: &'a Channel,
+}
+
+impl Holding<'_> {
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let channel_open = || self.channel.status().connected();
+        let give_up = self.give_up.cancelled();
+        self.publisher.publish_holding(exchange, routing_key, body, properties, give_up, channel_open).await
+    }
+}
+
 /// Properties of a task message: JSON, persistent, id, trace context, attempt.
 pub fn task_properties(id: &str, traceparent: &str, attempt: u32) -> BasicProperties {
     let mut headers = FieldTable::default();

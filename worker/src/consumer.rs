@@ -21,8 +21,8 @@ use tracing::Instrument;
 
 use flota_shared::acks;
 use flota_shared::amqp::{
-    self, HEADER_ATTEMPT, HEADER_ERROR, HEADER_REASON, HEADER_SOURCE_QUEUE, Publisher, Topology, long_string,
-    with_headers,
+    self, HEADER_ATTEMPT, HEADER_ERROR, HEADER_REASON, HEADER_SOURCE_QUEUE, Holding, Publisher, Topology,
+    long_string, with_headers,
 };
 use flota_shared::envelope::Kind;
 use flota_shared::store::Handoff;
@@ -228,7 +228,7 @@ async fn handle(
     async {
         let decision = process(ctx, &delivery.data, &delivery.properties, trace, hand_back).await;
         let publish = tracing::info_span!(target: TRACE_ONLY, "publish");
-        let hold = Hold { publisher, hand_back, channel: &received.channel };
+        let hold = Holding { publisher, give_up: hand_back, channel: &received.channel };
         let published = carry_out(ctx, &hold, topo, kind, delivery, &decision).instrument(publish).await;
         settle(ctx, publisher, topo, &received, decision, published).await;
     }
@@ -236,42 +236,11 @@ async fn handle(
     .await
 }
 
-/// Publishes that stand before a delivery's ack: each waits for its confirm as
-/// long as the delivery is held ([`Publisher::publish_holding`]): until the grace
-/// period is over (hand back) or the delivery's channel closed.
-struct Hold<'a> {
-    publisher: &'a Publisher,
-    hand_back: &'a CancellationToken,
-    channel: &'a lapin::Channel,
-}
-
-impl Hold<'_> {
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: lapin::BasicProperties,
-    ) -> Result<(), amqp::PublishError> {
-        let channel_open = || self.channel.status().connected();
-        self.publisher
-            .publish_holding(
-                exchange,
-                routing_key,
-                body,
-                properties,
-                self.hand_back.cancelled(),
-                channel_open,
-            )
-            .await
-    }
-}
-
 /// Publish what the decision says must be published before the ack. `None`:
 /// the delivery was handed back (nothing to ack).
 async fn carry_out(
     ctx: &WorkerCtx,
-    hold: &Hold<'_>,
+    hold: &Holding<'_>,
     topo: &Topology,
     kind: Kind,
     delivery: &Delivery,
@@ -373,7 +342,7 @@ async fn wake_waiters(ctx: &WorkerCtx, publisher: &Publisher, topo: &Topology, w
 
 async fn dead_letter_copy(
     ctx: &WorkerCtx,
-    hold: &Hold<'_>,
+    hold: &Holding<'_>,
     topo: &Topology,
     kind: Kind,
     delivery: &Delivery,
