@@ -100,3 +100,34 @@ impl Drop for RedisUser {
         }
     }
 }
+
+/// The runbook's `unroutable` policy on a test's `P.tasks`: its alternate
+/// exchange is `P.dlx`. Removed when dropped (also when the test panics).
+pub struct UnroutablePolicy(String);
+
+impl UnroutablePolicy {
+    pub fn set(env: &crate::TestEnv) -> UnroutablePolicy {
+        let policy = UnroutablePolicy(format!("{}-unroutable", env.prefix));
+        let pattern = format!("^{}$", env.topo.tasks_exchange().replace('.', "\\."));
+        let definition =
+            serde_json::json!({"alternate-exchange": env.topo.dead_letter_exchange()}).to_string();
+        rabbitmqctl(&[
+            "set_policy",
+            "--apply-to",
+            "exchanges",
+            "--priority",
+            "100",
+            &policy.0,
+            &pattern,
+            &definition,
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        policy
+    }
+}
+
+impl Drop for UnroutablePolicy {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&["clear_policy", &self.0]);
+    }
+}

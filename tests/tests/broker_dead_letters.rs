@@ -1,7 +1,9 @@
 //! A task the broker dead-letters by itself (over the work queue's
-//! `x-delivery-limit`: every delivery ended without an ack) gets a failed
-//! result from the scheduler, so its status, its dependents and anyone tapping
-//! results learn of it; the message stays in `P.dead`, and a replay runs it.
+//! `x-delivery-limit`: every delivery ended without an ack), or that no queue
+//! took (a routing key that is no kind, caught by the runbook's
+//! alternate-exchange policy), gets a failed result from the scheduler, so its
+//! status, its dependents and anyone tapping results learn of it; the message
+//! stays in `P.dead`, and a replay runs it.
 
 use futures::StreamExt;
 use lapin::options::BasicNackOptions;
@@ -9,6 +11,8 @@ use serde_json::json;
 
 use flota_shared::amqp::{self, HEADER_REASON, long_string, with_headers};
 use flota_shared::envelope::{ErrorCode, Kind, ResultEnvelope, Status};
+use flota_shared::telemetry::TraceParent;
+use flota_tests::users::UnroutablePolicy;
 use flota_tests::{TestEnv, consume, dlq_reasons, flotactl, procs};
 
 fn interp(id: &str, deps: &[&str]) -> serde_json::Value {
@@ -30,6 +34,30 @@ async fn result_for(tap: &mut flota_tests::ResultTap, id: &str) -> ResultEnvelop
             return r;
         }
     }
+}
+
+/// With a worker running: a task depending on the failed `id` fails with
+/// `dependency_failed`; then, the cause gone, `flotactl dlq replay id` runs it
+/// (its failure is set aside) and the scheduler records the success.
+async fn dependent_fails_then_a_replay_runs_it(
+    env: &TestEnv,
+    tap: &mut flota_tests::ResultTap,
+    api: &str,
+    id: &str,
+) {
+    let dependent_id = format!("after-{id}");
+    env.publish_task(&interp(&dependent_id, &[id])).await;
+    let dependent = result_for(tap, &dependent_id).await;
+    assert_eq!(dependent.error.map(|e| e.code), Some(ErrorCode::DependencyFailed));
+
+    let (code, out, err) = flotactl(env, &["dlq", "replay", id]).await;
+    assert_eq!(code, Some(0), "replay: {out} {err}");
+    let replayed = result_for(tap, id).await;
+    assert_eq!(replayed.status, Status::Succeeded, "{replayed:?}");
+    flota_tests::eventually("the scheduler records the replay's success", || async {
+        status_of(api, id).await.1["status"] == "succeeded"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,19 +118,59 @@ async fn a_task_the_broker_dead_letters_is_failed_with_a_result_and_can_be_repla
     drop(consumer);
     let gpu = procs::gpusim(&[]).await;
     let _worker = procs::worker(&env.env(), &gpu.url(), &limit).await;
-    env.publish_task(&interp("after-doomed", &["doomed"])).await;
-    let dependent = result_for(&mut tap, "after-doomed").await;
-    assert_eq!(dependent.error.map(|e| e.code), Some(ErrorCode::DependencyFailed));
+    dependent_fails_then_a_replay_runs_it(&env, &mut tap, &api, "doomed").await;
+    assert_eq!(status_of(&api, "flota-dl").await.0, 404, "still nothing for Flota's own dead letter");
+    env.cleanup().await;
+}
 
-    // Once the cause is gone, a replay runs it (the failure is set aside).
-    let (code, out, err) = flotactl(&env, &["dlq", "replay", "doomed"]).await;
-    assert_eq!(code, Some(0), "replay: {out} {err}");
-    let replayed = result_for(&mut tap, "doomed").await;
-    assert_eq!(replayed.status, Status::Succeeded, "{replayed:?}");
-    flota_tests::eventually("the scheduler records the replay's success", || async {
-        status_of(&api, "doomed").await.1["status"] == "succeeded"
+/// A producer's typo: a task published to `P.tasks` with routing key `interpet`.
+/// With the runbook's policy the broker dead-letters it instead of dropping it;
+/// the scheduler fails it with a result that names the routing key, its
+/// dependent fails, and once the producer is fixed a replay runs it by the kind
+/// in its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_task_is_failed_with_a_result_and_can_be_replayed() {
+    let env = TestEnv::new("broker-unroutable").await;
+    let _policy = UnroutablePolicy::set(&env);
+    let scheduler = procs::scheduler(&env.env(), &[]).await;
+    let api = scheduler.url();
+    let mut tap = env.tap_results().await;
+
+    // A policy applies within a moment; until then RabbitMQ drops what nobody
+    // routes. Probes with no task id (which nobody can fail) show when it does.
+    flota_tests::eventually("the alternate-exchange policy applies", || async {
+        env.publish_raw(
+            "probe",
+            br#"{"probe": true}"#,
+            amqp::task_properties("probe", &TraceParent::new_root().header(), 0),
+        )
+        .await;
+        env.queue_depth(&env.topo.dead_queue()).await > 0
     })
     .await;
-    assert_eq!(status_of(&api, "flota-dl").await.0, 404, "still nothing for Flota's own dead letter");
+
+    let typo = interp("typo-1", &[]);
+    let props = amqp::task_properties("typo-1", &TraceParent::new_root().header(), 0);
+    env.publish_raw("interpet", &serde_json::to_vec(&typo).unwrap(), props).await;
+
+    let failed = result_for(&mut tap, "typo-1").await;
+    assert_eq!(failed.status, Status::Failed);
+    let error = failed.error.expect("an error");
+    assert_eq!(error.code, ErrorCode::InvalidTask);
+    assert!(
+        error.message.contains("unroutable") && error.message.contains("`interpet`"),
+        "{}",
+        error.message
+    );
+    flota_tests::eventually("the scheduler records the failure", || async {
+        status_of(&api, "typo-1").await.1["status"] == "failed"
+    })
+    .await;
+    let reasons = dlq_reasons(&env).await;
+    assert!(reasons.contains(&("typo-1".to_string(), "unroutable".to_string())), "{reasons:?}");
+
+    let gpu = procs::gpusim(&[]).await;
+    let _worker = procs::worker(&env.env(), &gpu.url(), &[]).await;
+    dependent_fails_then_a_replay_runs_it(&env, &mut tap, &api, "typo-1").await;
     env.cleanup().await;
 }

@@ -144,35 +144,13 @@ async fn an_earlier_flotas_tasks_exchange_keeps_working_and_catching_unroutable_
     env.cleanup().await;
 }
 
-/// Removes the test's policy however the test ends.
-struct Policy(String);
-
-impl Drop for Policy {
-    fn drop(&mut self) {
-        let _ = flota_tests::users::rabbitmqctl(&["clear_policy", &self.0]);
-    }
-}
-
 /// The runbook's policy gives a plain `P.tasks` the catch an earlier Flota's
 /// declare argument gave: tasks with no kind as routing key become dead
 /// letters, and producers' declares still succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runbooks_policy_dead_letters_unroutable_tasks_on_a_plain_exchange() {
     let env = TestEnv::new("topo-policy").await;
-    let policy = Policy(format!("{}-unroutable", env.prefix));
-    let pattern = format!("^{}$", env.topo.tasks_exchange().replace('.', "\\."));
-    let definition = json!({"alternate-exchange": env.topo.dead_letter_exchange()}).to_string();
-    flota_tests::users::rabbitmqctl(&[
-        "set_policy",
-        "--apply-to",
-        "exchanges",
-        "--priority",
-        "100",
-        &policy.0,
-        &pattern,
-        &definition,
-    ])
-    .unwrap_or_else(|e| panic!("{e}"));
+    let policy = flota_tests::users::UnroutablePolicy::set(&env);
 
     let producer = env.conn.create_channel().await.expect("channel");
     declare_like_a_producer(&producer, &env)
