@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use flota_shared::envelope::{DeliberateOutput, Status};
+use flota_shared::envelope::{DeliberateOutput, Kind, Status};
 use flota_tests::{TestEnv, procs};
 use serde_json::{Value, json};
 
@@ -107,5 +107,74 @@ async fn one_deliberation_sends_its_agents_calls_at_once() {
     assert_eq!(served_kind(&stats, "proposal"), AGENTS, "{stats}");
     assert_eq!(served_kind(&stats, "review"), AGENTS * (AGENTS - 1), "{stats}");
     assert_eq!(stats["served"], json!(AGENTS * AGENTS), "{stats}");
+    env.cleanup().await;
+}
+
+/// What RabbitMQ counts unacknowledged on a test's two work queues, summed.
+fn unacked_on_work_queues(env: &TestEnv) -> u64 {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let queues = [env.topo.work_queue(Kind::Interpret), env.topo.work_queue(Kind::Deliberate)];
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(name, _)| queues.iter().any(|q| q == name.trim()))
+        .map(|(_, n)| n.trim().parse::<u64>().unwrap_or(0))
+        .sum()
+}
+
+/// Both queues backed up before a worker with `FLOTA_CONCURRENCY=4` starts:
+/// its consumers share the prefetch (`credit.rs`), so RabbitMQ never counts
+/// more than 4 + 1 of its deliveries unacknowledged (one prefetch per queue
+/// held 8: 4 running, 4 waiting for a slot that another replica could have
+/// run). Every task still succeeds, once: neither kind is starved.
+///
+/// Counts read with `rabbitmqctl` while the tasks run, each one a count, not
+/// a duration; gpusim answers in 1.5 s so that the worker is busy throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_queues_backed_up_share_the_prefetch_and_both_progress() {
+    const CONCURRENCY: u64 = 4;
+    let env = TestEnv::new("conc-share").await;
+    let gpu = procs::gpusim(&["--base-ms", "1500", "--slots", "64"]).await;
+    let mut tap = env.tap_results().await;
+    let mut ids = BTreeSet::new();
+    for i in 0..10 {
+        let id = format!("share-i-{i:02}");
+        env.publish_task(&json!({"id": id, "kind": "interpret", "input": {"message": "Abrí un trabajo para revisar la bomba"}}))
+            .await;
+        ids.insert(id);
+    }
+    for i in 0..6 {
+        let id = format!("share-d-{i:02}");
+        env.publish_task(&json!({"id": id, "kind": "deliberate", "input": {"role": "DEV", "task": "Refactor the exporter", "agents": 2}}))
+            .await;
+        ids.insert(id);
+    }
+    let worker = procs::worker(&env.env(), &gpu.url(), &[("FLOTA_CONCURRENCY", "4")]).await;
+
+    let results = tokio::spawn(async move { tap.collect_distinct(16).await });
+    let mut samples = Vec::new();
+    while !results.is_finished() {
+        samples.push(unacked_on_work_queues(&env));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (results, duplicates) = results.await.expect("the tap");
+    assert_eq!(results.keys().cloned().collect::<BTreeSet<_>>(), ids, "every task reported");
+    assert_eq!(duplicates, 0, "no task reported twice");
+    for (id, r) in &results {
+        assert_eq!(r.status, Status::Succeeded, "{id}: {:?}", r.error);
+    }
+    assert!(samples.iter().any(|n| *n > 0), "the samples saw the worker holding tasks: {samples:?}");
+    let most = samples.iter().copied().max().unwrap_or(0);
+    assert!(most <= CONCURRENCY + 1, "held {most} unacked with FLOTA_CONCURRENCY={CONCURRENCY}: {samples:?}");
+    // The worker shows its shares: both queues consumed, within the same bound.
+    let scrape = reqwest::get(format!("{}/metrics", worker.url())).await.unwrap().text().await.unwrap();
+    let share =
+        |kind: &str| flota_tests::metric_sample(&scrape, &format!("flota_prefetch{{kind=\"{kind}\"}}"));
+    let (interpret, deliberate) = (share("interpret"), share("deliberate"));
+    assert!(interpret >= 1.0 && deliberate >= 1.0, "{scrape}");
+    assert!(interpret + deliberate <= (CONCURRENCY + 1) as f64, "{scrape}");
     env.cleanup().await;
 }

@@ -116,7 +116,8 @@ async fn the_schedulers_scrape_shows_records_queues_parked_tasks_and_dead_letter
         sample(&scrape, "flota_results_recorded_total{kind=\"deliberate\",status=\"succeeded\"}"),
         1.0
     );
-    assert_eq!(sample(&scrape, &consumers), 1.0, "{scrape}");
+    // One worker, several consumers: its lanes share its prefetch (worker/src/credit.rs).
+    assert!(sample(&scrape, &consumers) >= 1.0, "{scrape}");
     assert_eq!(sample(&scrape, &series("flota_queue_messages", &interpret_queue)), 0.0);
     // The WES metrics, fleet-wide from the results.
     assert_eq!(sample(&scrape, "wes_works_opened_total"), 5.0, "{scrape}");

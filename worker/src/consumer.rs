@@ -10,10 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::options::BasicNackOptions;
+use lapin::types::{AMQPValue, ShortString};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +28,7 @@ use flota_shared::store::Handoff;
 use flota_shared::telemetry::TRACE_ONLY;
 
 use crate::breaker::BreakerState;
+use crate::lanes::{Lanes, Taken};
 use crate::process::{Decision, WorkerCtx, process};
 
 /// Run until `shutdown`, then drain: stop consuming, let in-flight tasks finish
@@ -81,33 +81,25 @@ async fn session(
     amqp::ensure_topology(&publish_conn, topo, ctx.config.delivery_limit).await?;
     let publisher = Publisher::open(&publish_conn).await?;
 
-    // One channel per queue: quorum queues have no global QoS, so each consumer
-    // gets the prefetch; the semaphore bounds what runs at once.
+    // One channel per queue, consumed through lanes that share the concurrency
+    // (`crate::credit`): quorum queues have no channel-wide QoS.
     let interpret_channel = consume_conn.create_channel().await?;
     let deliberate_channel = consume_conn.create_channel().await?;
-    for channel in [&interpret_channel, &deliberate_channel] {
-        // Prefetch before consuming, or the broker pushes the whole backlog.
-        channel.basic_qos(ctx.config.concurrency, BasicQosOptions::default()).await?;
-    }
-    let interpret_tag = format!("{worker_id}-interpret");
-    let deliberate_tag = format!("{worker_id}-deliberate");
-    let mut interpret = consume(&interpret_channel, topo, Kind::Interpret, &interpret_tag).await?;
+    let mut lanes = Lanes::new(topo, worker_id, interpret_channel, deliberate_channel.clone());
     // Deliberations are consumed only while the GPU path is available: with the
     // breaker open they stay in their queue, spending no attempt.
     let breaker = ctx.gpu.breaker().clone();
-    let mut deliberate = None;
-    if breaker.state() == BreakerState::Closed {
-        deliberate = Some(consume(&deliberate_channel, topo, Kind::Deliberate, &deliberate_tag).await?);
-    }
-    ctx.metrics.consuming_deliberations.set(deliberate.is_some() as i64);
-    tracing::info!(message = "Consuming.", worker = %worker_id, concurrency = ctx.config.concurrency);
+    let concurrency = ctx.config.concurrency;
+    lanes.start(concurrency, breaker.state() == BreakerState::Closed).await?;
+    show_lanes(&ctx.metrics, &lanes);
+    tracing::info!(message = "Consuming.", worker = %worker_id, concurrency);
     if let Some(ready) = ready.take() {
         ready();
     }
     let mut breaker_tick = tokio::time::interval(crate::fleet::SYNC_EVERY);
 
     let result = loop {
-        let next = tokio::select! {
+        let taken = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             _ = breaker_tick.tick() => {
                 let state = breaker.state();
@@ -116,83 +108,74 @@ async fn session(
                     BreakerState::Open => 1,
                     BreakerState::HalfOpen => 2,
                 });
-                match (state == BreakerState::Closed, deliberate.is_some()) {
+                let available = state == BreakerState::Closed;
+                match (available, lanes.consuming(Kind::Deliberate)) {
                     (false, true) => {
                         tracing::warn!(message = "GPU breaker open; pausing deliberations (basic.cancel).");
-                        deliberate_channel
-                            .basic_cancel(ShortString::from(deliberate_tag.clone()), BasicCancelOptions::default())
-                            .await?;
-                        // Sent before the cancel took effect, never started: back to their queue
+                        // Sent before the cancels took effect, never started: back to their queue
                         // through the delay tier an open breaker waits in (not nack-requeue,
                         // which spends a delivery each time the breaker opens), for a worker
-                        // whose GPU path is up, not held here unacked.
-                        if let Some(cancelled) = deliberate.take() {
+                        // whose GPU path is up, not held here unacked. Taken here (complete once
+                        // the cancels returned, so quick); sent off the loop: under a resource
+                        // alarm the copies wait for their confirms as long as it lasts.
+                        let mut buffered = Vec::new();
+                        for cancelled in lanes.cancel_kind(Kind::Deliberate).await? {
+                            buffered.extend(acks::take_buffered(cancelled).await);
+                        }
+                        if !buffered.is_empty() {
                             let tier = amqp::retry_tier_for(crate::error::BREAKER_OPEN_WAIT);
                             let delay_queue = topo.retry_queue(Kind::Deliberate, tier);
-                            // Taken here (complete once the cancel returned, so quick), before a
-                            // new consumer can take the tag; sent off the loop: under a resource
-                            // alarm the copies wait for their confirms as long as it lasts.
-                            let buffered = acks::take_buffered(cancelled).await;
-                            if !buffered.is_empty() {
-                                let (channel, publisher, hand_back) =
-                                    (deliberate_channel.clone(), publisher.clone(), hand_back.clone());
-                                tracker.spawn(async move {
-                                    let deferred =
-                                        acks::defer(buffered, &channel, &publisher, &delay_queue, &hand_back).await;
-                                    tracing::info!(message = "Buffered deliberations sent to wait out the open breaker.", deferred);
-                                });
-                            }
+                            let (channel, publisher, hand_back) =
+                                (deliberate_channel.clone(), publisher.clone(), hand_back.clone());
+                            tracker.spawn(async move {
+                                let deferred =
+                                    acks::defer(buffered, &channel, &publisher, &delay_queue, &hand_back).await;
+                                tracing::info!(message = "Buffered deliberations sent to wait out the open breaker.", deferred);
+                            });
                         }
                     }
                     (true, false) => {
                         tracing::info!(message = "GPU path available; consuming deliberations again.");
-                        deliberate = Some(consume(&deliberate_channel, topo, Kind::Deliberate, &deliberate_tag).await?);
+                        lanes.add(Kind::Deliberate, 1, true).await?;
                     }
                     _ => {}
                 }
-                ctx.metrics.consuming_deliberations.set(deliberate.is_some() as i64);
+                lanes.rebalance(concurrency, available).await?;
+                show_lanes(&ctx.metrics, &lanes);
                 continue;
             }
-            next = interpret.next() => (Kind::Interpret, next),
-            next = next_or_pending(&mut deliberate) => (Kind::Deliberate, next),
+            taken = lanes.next() => taken,
         };
-        match next {
-            (kind, Some(Ok(delivery))) => {
-                let permit = tokio::select! {
-                    p = permits.clone().acquire_owned() => p?,
-                    _ = shutdown.cancelled() => {
-                        // Not started: give it back at once.
-                        let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-                        break Ok(());
-                    }
-                };
-                let ctx = ctx.clone();
-                let publisher = publisher.clone();
-                let topo = topo.clone();
-                let hand_back = hand_back.clone();
-                let channel = match kind {
-                    Kind::Interpret => interpret_channel.clone(),
-                    Kind::Deliberate => deliberate_channel.clone(),
-                };
-                // Boxed: the task's future is ~19 KB, and tokio::spawn moved it by value
-                // several times (memcpy was ~5 % of a worker's instructions); a box moves once.
-                tracker.spawn(Box::pin(async move {
-                    handle(&ctx, &publisher, &topo, kind, Received { delivery, channel }, &hand_back).await;
-                    drop(permit);
-                }));
-            }
-            (_, Some(Err(e))) => break Err(anyhow::anyhow!("consumer error: {e}")),
-            (Kind::Deliberate, None) if deliberate.is_none() => {}
-            (_, None) => break Err(anyhow::anyhow!("consumer stream ended")),
-        }
+        let taken = match taken {
+            Ok(taken) => taken,
+            Err(e) => break Err(anyhow::anyhow!(e)),
+        };
+        let (ctx, publisher, topo, permits) = (ctx.clone(), publisher.clone(), topo.clone(), permits.clone());
+        let (shutdown, hand_back) = (shutdown.clone(), hand_back.clone());
+        // Boxed: the task's future is ~19 KB, and tokio::spawn moved it by value
+        // several times (memcpy was ~5 % of a worker's instructions); a box moves once.
+        tracker.spawn(Box::pin(async move {
+            let Taken { kind, delivery, channel, in_flight: _in_flight } = taken;
+            // A lane may hold one delivery beyond the concurrency (an idle kind's base
+            // lane): it waits here for a slot, off the loop.
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => None,
+                p = permits.acquire_owned() => p.ok(),
+            };
+            let Some(permit) = permit else {
+                // Not started: give it back at once.
+                let _ = delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                return;
+            };
+            handle(&ctx, &publisher, &topo, kind, Received { delivery, channel }, &hand_back).await;
+            drop(permit);
+        }));
     };
-    let cancels = [(&interpret_channel, interpret_tag), (&deliberate_channel, deliberate_tag)];
 
     if result.is_ok() {
         // Drain: stop deliveries, finish what runs within the grace period.
-        for (channel, tag) in cancels.iter() {
-            let _ = channel.basic_cancel(ShortString::from(tag.clone()), BasicCancelOptions::default()).await;
-        }
+        lanes.cancel_all().await;
         tracing::info!(
             message = "Stopped consuming; draining in-flight tasks.",
             grace_s = ctx.config.shutdown_grace.as_secs()
@@ -208,6 +191,14 @@ async fn session(
         let _ = publish_conn.close(200, ShortString::from("shutdown")).await;
     }
     result
+}
+
+fn show_lanes(metrics: &crate::metrics::Metrics, lanes: &Lanes) {
+    metrics.consuming_deliberations.set(lanes.consuming(Kind::Deliberate) as i64);
+    for kind in Kind::ALL {
+        let label = crate::metrics::KindLabel { kind: kind.as_str().to_string() };
+        metrics.prefetch.get_or_create(&label).set(i64::from(lanes.credit(kind)));
+    }
 }
 
 /// Process one delivery and carry out its decision. Acks only after the
@@ -359,28 +350,4 @@ async fn dead_letter_copy(
         ],
     );
     hold.publish(&topo.dead_letter_exchange(), kind.as_str(), &delivery.data, props).await
-}
-
-async fn consume(
-    channel: &lapin::Channel,
-    topo: &Topology,
-    kind: Kind,
-    tag: &str,
-) -> lapin::Result<lapin::Consumer> {
-    channel
-        .basic_consume(
-            ShortString::from(topo.work_queue(kind)),
-            ShortString::from(tag.to_string()),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-}
-
-/// The next delivery of an optional consumer; pending forever when there is none.
-async fn next_or_pending(consumer: &mut Option<lapin::Consumer>) -> Option<lapin::Result<Delivery>> {
-    match consumer {
-        Some(c) => c.next().await,
-        None => std::future::pending().await,
-    }
 }

@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`consumer`]: AMQP sessions, prefetch, reconnects, drain; the only place that acks.
+//! - [`credit`]: how the prefetch is shared between the two queues (pure: lanes, saturation, shares).
+//! - [`lanes`]: the consumers (lanes) that share it: started, cancelled, their deliveries counted.
 //! - [`process`]: one delivery from validation to a [`process::Decision`] (claim, run, fence, store).
 //! - [`error`]: task errors and the one delivery decision each maps to.
 //! - [`handlers`]: interpretation and deliberation; no AMQP inside.
@@ -16,12 +18,14 @@
 
 pub mod breaker;
 pub mod consumer;
+pub mod credit;
 pub mod error;
 pub mod fleet;
 pub mod gpu;
 pub mod handlers;
 pub mod heartbeat;
 pub mod http;
+pub mod lanes;
 pub mod metrics;
 pub mod process;
 pub mod prompts;

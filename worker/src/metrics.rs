@@ -53,6 +53,8 @@ pub struct Metrics {
     pub breaker_state: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub breaker_transitions: Family<StateLabel, Counter>,
     pub consuming_deliberations: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// The prefetch of this worker's active consumers (lanes), by kind.
+    pub prefetch: Family<KindLabel, Gauge<i64, std::sync::atomic::AtomicI64>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -169,8 +171,15 @@ impl Default for Metrics {
             "1 while this worker consumes the deliberation queue (0: paused by the breaker)",
             consuming_deliberations.clone(),
         );
+        let prefetch = Family::<KindLabel, Gauge<i64, std::sync::atomic::AtomicI64>>::default();
+        registry.register(
+            "flota_prefetch",
+            "Prefetch of this worker's consumers of a queue, by kind: its share of FLOTA_CONCURRENCY",
+            prefetch.clone(),
+        );
         Metrics {
             breaker_state,
+            prefetch,
             breaker_transitions,
             consuming_deliberations,
             registry,
