@@ -156,8 +156,8 @@ async fn session(
         // several times (memcpy was ~5 % of a worker's instructions); a box moves once.
         tracker.spawn(Box::pin(async move {
             let Taken { kind, delivery, channel, in_flight: _in_flight } = taken;
-            // A lane may hold one delivery beyond the concurrency (an idle kind's base
-            // lane): it waits here for a slot, off the loop.
+            // The lanes may hold one delivery beyond the concurrency (the headroom of
+            // the kind that is not saturated): it waits here for a slot, off the loop.
             let permit = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => None,

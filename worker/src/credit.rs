@@ -15,10 +15,11 @@
 //! window: it could take more. The split follows from that:
 //! - one kind available (deliberations pause while the breaker is open): it
 //!   gets the whole concurrency;
-//! - one kind saturated, the other not: the other keeps what it uses (plus
-//!   one), the saturated one the rest; an idle kind's base lane is the one
-//!   delivery allowed beyond the concurrency;
-//! - both saturated: half each.
+//! - one kind saturated, the other not: the other keeps what it uses plus one
+//!   (its headroom to show that it grows), the saturated one the rest; that
+//!   headroom is the one delivery allowed beyond the concurrency, and one
+//!   arriving there waits for a slot;
+//! - both saturated: each moves toward half.
 //!
 //! What a worker holds unacked is therefore at most `FLOTA_CONCURRENCY + 1`,
 //! and at most `FLOTA_CONCURRENCY` while both kinds are saturated; what it runs
@@ -82,8 +83,8 @@ pub fn plan(concurrency: u16, draining: u16, interpret: &KindLoad, deliberate: &
         }
     }
 
-    // Then grow into the room left: at most the concurrency, plus an idle kind's base lane.
-    // Room: the concurrency, and the one delivery of an idle kind's base lane beside a busy one.
+    // Then grow into the room left: the concurrency, and beside a saturated kind the
+    // other's headroom of one.
     let both = interpret.available && deliberate.available;
     let capacity = if both { (targets[0] + targets[1]).clamp(c, c + 1) } else { c };
     let active: u16 = loads.iter().map(|(_, l)| l.credit()).sum();
