@@ -76,9 +76,10 @@ pub fn plan(concurrency: u16, draining: u16, interpret: &KindLoad, deliberate: &
     let mut steps = Vec::new();
 
     // Shrink first: what a cancelled lane had in flight stays counted in `draining`.
+    // Within the slack only a kind with nothing in flight shrinks (it costs nothing).
     for ((_, load), target) in loads.iter().zip(targets) {
         let credit = load.credit();
-        if credit >= target + slack {
+        if credit >= target + slack || (load.peak == 0 && credit > target) {
             steps.extend(cancellations(load, target, slack).into_iter().map(Step::Cancel));
         }
     }
@@ -168,12 +169,14 @@ fn both_saturated(c: u16, interpret: u16, deliberate: u16) -> [u16; 2] {
 }
 
 /// One kind saturated, the other not: the other keeps what it used plus one
-/// (or its credit, when that is within the slack), the saturated one the rest,
-/// and never less than it has.
+/// (or its credit, when that is within the slack and it is in use), the
+/// saturated one the rest, and never less than it has. A kind with nothing in
+/// flight keeps only its base lane, or one deliberation that came and went
+/// would keep a grain from the interpretations for good.
 fn busy_and_idle(c: u16, busy: &KindLoad, idle: &KindLoad) -> (u16, u16) {
     let used = (idle.peak + 1).max(1);
     let slack = (c / 8).max(1);
-    let idle_share = if idle.credit() >= used + slack { used } else { idle.credit() };
+    let idle_share = if idle.credit() >= used + slack || idle.peak == 0 { used } else { idle.credit() };
     let busy_share = if idle_share <= 1 { c } else { c.saturating_sub(idle_share) };
     (busy_share.max(busy.credit()), idle_share)
 }
@@ -295,6 +298,25 @@ mod tests {
         let deliberate_after = load(true, &[3], 2);
         let steps = plan(32, 0, &interpret, &deliberate_after);
         assert_eq!(added(&steps, Kind::Interpret), 28 - 16, "{steps:?}");
+    }
+
+    #[test]
+    fn a_kind_with_nothing_in_flight_gives_back_even_a_small_share() {
+        // A deliberation came and went: its kind kept 4 of 32 (within the slack), nothing in flight.
+        let interpret = load(true, &[4, 4, 4, 4, 4, 4, 3], 28);
+        let deliberate = load(true, &[3], 0);
+        let steps = plan(32, 0, &interpret, &deliberate);
+        assert_eq!(
+            credit_after(&deliberate, &steps, Kind::Deliberate),
+            1,
+            "back to its base lane: {steps:?}"
+        );
+        // And the interpretations take the whole concurrency back.
+        let steps = plan(32, 0, &interpret, &load(true, &[], 0));
+        assert_eq!(added(&steps, Kind::Interpret), 4, "{steps:?}");
+        // While it is in use, a share within the slack is kept (no churn).
+        let steps = plan(32, 0, &interpret, &load(true, &[3], 1));
+        assert_eq!(cancelled(&steps), 0, "{steps:?}");
     }
 
     #[test]
