@@ -11,10 +11,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicNackOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -169,15 +166,7 @@ async fn consume_on(
     prefetch: u16,
 ) -> lapin::Result<(lapin::Channel, lapin::Consumer)> {
     let channel = conn.create_channel().await?;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let consumer = channel
-        .basic_consume(
-            ShortString::from(queue),
-            ShortString::from(tag),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let consumer = amqp::consume_with_prefetch(&channel, queue, tag, prefetch).await?;
     Ok((channel, consumer))
 }
 

@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -318,6 +319,21 @@ async fn declare_the_rest(channel: &Channel, topo: &Topology, delivery_limit: u3
 
 /// Declare the topology, or, for a user without `configure` (docs/least-privilege.md),
 /// check that it exists: then the scheduler or an operator must have declared it.
+/// Consume `queue` on `channel` as `tag`, with a prefetch of `prefetch`.
+/// RabbitMQ gives a consumer the channel's prefetch when the consumer starts
+/// (quorum queues have no channel-wide QoS), so the `basic.qos` comes first:
+/// without it the broker pushes the whole backlog. The caller is the only one
+/// starting consumers on `channel`.
+pub async fn consume_with_prefetch(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> lapin::Result<lapin::Consumer> {
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    channel.basic_consume(s(queue), s(tag), BasicConsumeOptions::default(), FieldTable::default()).await
+}
+
 pub async fn ensure_topology(conn: &Connection, topo: &Topology, delivery_limit: u32) -> anyhow::Result<()> {
     match declare_topology(conn, topo, delivery_limit).await {
         Ok(()) => Ok(()),

@@ -15,10 +15,10 @@ use std::task::Poll;
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::BasicCancelOptions;
+use lapin::types::ShortString;
 
-use flota_shared::amqp::Topology;
+use flota_shared::amqp::{self, Topology};
 use flota_shared::envelope::Kind;
 
 use crate::credit::{self, KindLoad, LaneId, Step};
@@ -97,17 +97,8 @@ impl Lanes {
         let id = self.next_id;
         self.next_id += 1;
         let tag = format!("{}-{}-{id}", self.worker_id, kind.as_str());
-        let channel = &self.channels[slot(kind)];
-        // Before consuming, or the broker pushes the whole backlog.
-        channel.basic_qos(credit, BasicQosOptions::default()).await?;
-        let stream = channel
-            .basic_consume(
-                ShortString::from(self.topo.work_queue(kind)),
-                ShortString::from(tag.clone()),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (channel, queue) = (&self.channels[slot(kind)], self.topo.work_queue(kind));
+        let stream = amqp::consume_with_prefetch(channel, &queue, &tag, credit).await?;
         let in_flight = Arc::new(AtomicU16::new(0));
         self.lanes.push(Lane {
             id,
