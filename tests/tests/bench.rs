@@ -42,6 +42,14 @@ fn every_scenario_runs_and_writes_json() {
     assert!(bench("deliberation", "6", &[])[0]["p50_ms"].is_number());
     assert_eq!(bench("scale", "40", &[]).as_array().unwrap().len(), 3);
     assert!(bench("producers", "100", &[])[0]["submit_p99_ms"].is_number());
+    // Mixed: both kinds' latencies, each from its own tasks (10 deliberations, 10 interpretations).
+    let mixed = &bench("mixed", "20", &[])[0];
+    assert_eq!(mixed["tasks"], 20, "{mixed}");
+    for field in ["interpret_p50_ms", "interpret_p99_ms", "deliberate_p50_ms", "deliberate_p99_ms"] {
+        assert!(mixed[field].as_f64().is_some_and(|ms| ms > 0.0), "{field}: {mixed}");
+    }
+    // A single-kind run has no latency of the other kind.
+    assert!(overhead[0]["deliberate_p99_ms"].is_null() && overhead[0]["interpret_p99_ms"].is_number());
     // The ceiling alone (what ops/bench-instructions.sh profiles): its own figures, no Flota run.
     let alone = bench("overhead", "100", &["--ceiling-only"]);
     assert_eq!(alone[0]["scenario"], "Overhead (ceiling only)", "{alone}");
@@ -94,4 +102,18 @@ async fn the_bench_measures_a_running_fleet() {
     .await;
     assert_eq!(tap.next().await.expect("a result").id, "after-bench");
     env.cleanup().await;
+}
+
+/// The ceiling loop has no deliberation: `--ceiling` with the mixed scenario is
+/// refused before anything starts, and says why.
+#[test]
+fn the_mixed_scenario_refuses_a_ceiling_and_says_why() {
+    let out = Command::new(procs::binary("flotactl"))
+        .args(["bench", "--scenario", "mixed", "--n", "10", "--ceiling"])
+        .env("FLOTA_PREFIX", format!("t-bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]))
+        .output()
+        .expect("flotactl built");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("one GPU call per task"), "{stderr}");
 }

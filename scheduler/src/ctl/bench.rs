@@ -8,8 +8,10 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use flota_shared::amqp;
 use flota_shared::config::Config;
-use flota_shared::envelope::TaskEnvelope;
+use flota_shared::envelope::{Kind, TaskEnvelope};
+use flota_shared::telemetry::TraceParent;
 
 use super::demo::{percentile, tap};
 use super::{ceiling, submit};
@@ -28,6 +30,11 @@ pub enum Scenario {
     Scale,
     /// 50 concurrent producers through the API and AMQP while the fleet runs.
     Producers,
+    /// Half the tasks a backlog of 3-agent deliberations, half interpretations
+    /// arriving one by one at a quarter of what the fleet could serve (gpusim
+    /// 200 ms, 256 slots): does a short task wait behind long ones? Each kind's
+    /// latency is reported.
+    Mixed,
 }
 
 pub struct Options {
@@ -101,6 +108,11 @@ pub struct Figures {
     pub worker_peak_rss_mb: Vec<f64>,
     pub submit_p50_ms: Option<f64>,
     pub submit_p99_ms: Option<f64>,
+    /// Latency (submit → result) of each kind alone; None when the run had none of it.
+    pub interpret_p50_ms: Option<f64>,
+    pub interpret_p99_ms: Option<f64>,
+    pub deliberate_p50_ms: Option<f64>,
+    pub deliberate_p99_ms: Option<f64>,
     pub ceiling_tasks_per_s: Option<f64>,
     pub ceiling_cpu_s_per_1000: Option<f64>,
     pub ceiling_switches_per_task: Option<f64>,
@@ -113,6 +125,9 @@ fn gpusim_args(s: Scenario) -> Vec<&'static str> {
     match s {
         Scenario::Overhead | Scenario::Producers => vec!["--slots", "256"],
         Scenario::GpuBound | Scenario::Scale => vec!["--slots", "64", "--base-ms", "200"],
+        // Room for every call a worker's deliberations fan out (up to 6 at once each):
+        // what is measured is how a worker shares its concurrency, not a GPU queue.
+        Scenario::Mixed => vec!["--slots", "256", "--base-ms", "200"],
         Scenario::Deliberation => vec!["--slots", "64", "--base-ms", "500"],
     }
 }
@@ -339,39 +354,56 @@ async fn workload(
     let switches_before: u64 = pids.iter().map(|p| context_switches(Some(*p))).sum();
     let scheduler_cpu_before = target.scheduler_pid.map(|p| cpu_seconds(Some(p)));
 
-    let tasks: Vec<_> = (0..n).map(|i| task(i, &target.run, "m", deliberate)).collect();
+    let tasks: Vec<_> =
+        (0..n).map(|i| task(i, &target.run, "m", measured_is_deliberation(scenario, i, n))).collect();
     let started = Instant::now();
-    let mut submitted: HashMap<String, Instant> = HashMap::new();
-    let mut submit_ms = Vec::new();
-    if scenario == Scenario::Producers {
-        submit_ms = producers(cfg, &api, &tasks).await?;
-    } else {
-        let publish = submit::publish_all(cfg, &tasks, || {});
-        let now = Instant::now();
-        for t in &tasks {
-            submitted.insert(t.id.clone(), now);
-        }
-        publish.await?;
-    }
-    let mut latencies = Vec::with_capacity(n);
-    let mut run_ms = Vec::with_capacity(n);
-    let mut got = std::collections::HashSet::new();
-    while got.len() < n {
-        match tokio::time::timeout(Duration::from_secs(300), results.next()).await {
-            Ok(Some(Ok(d))) => {
-                let Ok(v) = serde_json::from_slice::<Value>(&d.data) else { continue };
-                let id = v["id"].as_str().unwrap_or("").to_string();
-                if !mine(&id, "m") || !got.insert(id.clone()) {
-                    continue;
-                }
-                let from = submitted.get(&id).copied().unwrap_or(started);
-                latencies.push(from.elapsed().as_secs_f64() * 1000.0);
-                let (start, end) =
-                    (v["started_at"].as_str().unwrap_or(""), v["finished_at"].as_str().unwrap_or(""));
-                run_ms.extend(flota_shared::envelope::millis_between(start, end));
+    // Submitting and collecting run together: the mixed scenario's interpretations
+    // arrive over the whole run, and each result's time is taken as it arrives.
+    let submitting = async {
+        match scenario {
+            Scenario::Producers => anyhow::Ok((HashMap::new(), producers(cfg, &api, &tasks).await?)),
+            Scenario::Mixed => {
+                anyhow::Ok((submit_mixed(cfg, &tasks, mixed_gap(workers, concurrency)).await?, Vec::new()))
             }
-            _ => anyhow::bail!("stalled after {} of {n} results", got.len()),
+            _ => {
+                let now = Instant::now();
+                submit::publish_all(cfg, &tasks, || {}).await?;
+                anyhow::Ok((tasks.iter().map(|t| (t.id.clone(), now)).collect(), Vec::new()))
+            }
         }
+    };
+    let collecting = async {
+        let mut arrivals = Vec::with_capacity(n);
+        let mut run_ms = Vec::with_capacity(n);
+        let mut got = std::collections::HashSet::new();
+        while got.len() < n {
+            match tokio::time::timeout(Duration::from_secs(300), results.next()).await {
+                Ok(Some(Ok(d))) => {
+                    let Ok(v) = serde_json::from_slice::<Value>(&d.data) else { continue };
+                    let id = v["id"].as_str().unwrap_or("").to_string();
+                    if !mine(&id, "m") || !got.insert(id.clone()) {
+                        continue;
+                    }
+                    arrivals.push((id, Instant::now()));
+                    let (start, end) =
+                        (v["started_at"].as_str().unwrap_or(""), v["finished_at"].as_str().unwrap_or(""));
+                    run_ms.extend(flota_shared::envelope::millis_between(start, end));
+                }
+                _ => anyhow::bail!("stalled after {} of {n} results", got.len()),
+            }
+        }
+        anyhow::Ok((arrivals, run_ms))
+    };
+    let ((submitted, mut submit_ms), (arrivals, mut run_ms)) = tokio::try_join!(submitting, collecting)?;
+    let deliberations: std::collections::HashSet<&str> =
+        tasks.iter().filter(|t| t.kind == Kind::Deliberate).map(|t| t.id.as_str()).collect();
+    let (mut latencies, mut interpret_ms, mut deliberate_ms) =
+        (Vec::with_capacity(n), Vec::new(), Vec::new());
+    for (id, at) in &arrivals {
+        let from = submitted.get(id).copied().unwrap_or(started);
+        let ms = at.saturating_duration_since(from).as_secs_f64() * 1000.0;
+        latencies.push(ms);
+        if deliberations.contains(id.as_str()) { &mut deliberate_ms } else { &mut interpret_ms }.push(ms);
     }
     let all = recorded_before + (warm + n) as f64;
     wait_recorded(&http, &api, all, Duration::from_millis(20), RECORD_STALL).await?;
@@ -388,9 +420,10 @@ async fn workload(
         },
         None => Value::Null,
     };
-    latencies.sort_by(f64::total_cmp);
-    run_ms.sort_by(f64::total_cmp);
-    submit_ms.sort_by(f64::total_cmp);
+    for v in [&mut latencies, &mut run_ms, &mut submit_ms, &mut interpret_ms, &mut deliberate_ms] {
+        v.sort_by(f64::total_cmp);
+    }
+    let p = |v: &[f64], at: f64| (!v.is_empty()).then(|| percentile(v, at));
     Ok(Figures {
         scenario: format!("{scenario:?}"),
         run: 1,
@@ -410,10 +443,67 @@ async fn workload(
         scheduler_cpu_s_per_1000: scheduler_cpu.map(|c| c / n as f64 * 1000.0),
         switches_per_task: switches as f64 / n as f64,
         worker_peak_rss_mb: target.worker_pids.iter().copied().map(peak_rss_mb).collect(),
-        submit_p50_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 50.0)),
-        submit_p99_ms: (!submit_ms.is_empty()).then(|| percentile(&submit_ms, 99.0)),
+        submit_p50_ms: p(&submit_ms, 50.0),
+        submit_p99_ms: p(&submit_ms, 99.0),
+        interpret_p50_ms: p(&interpret_ms, 50.0),
+        interpret_p99_ms: p(&interpret_ms, 99.0),
+        deliberate_p50_ms: p(&deliberate_ms, 50.0),
+        deliberate_p99_ms: p(&deliberate_ms, 99.0),
         ..Default::default()
     })
+}
+
+/// Whether the `i`-th of a scenario's `n` measured tasks is a deliberation
+/// (pure): all in the deliberation scenario, the first half in the mixed one
+/// (its backlog), none otherwise.
+fn measured_is_deliberation(scenario: Scenario, i: usize, n: usize) -> bool {
+    match scenario {
+        Scenario::Deliberation => true,
+        Scenario::Mixed => i < n / 2,
+        _ => false,
+    }
+}
+
+/// What share of the fleet's capacity the mixed scenario's interpretations use.
+const MIXED_LOAD: f64 = 0.25;
+/// gpusim's service time in the mixed scenario (`gpusim_args`).
+const MIXED_GPU_CALL: Duration = Duration::from_millis(200);
+
+/// The time between two of the mixed scenario's interpretations (pure): the
+/// fleet could serve `workers × concurrency` of them per GPU call's time; they
+/// arrive at `MIXED_LOAD` of that, so alone they would never queue, and any
+/// wait they show is for the deliberations.
+fn mixed_gap(workers: usize, concurrency: u16) -> Duration {
+    let slots = (workers.max(1) * usize::from(concurrency.max(1))) as f64;
+    MIXED_GPU_CALL.div_f64(slots * MIXED_LOAD)
+}
+
+/// The mixed scenario's submission: its deliberations at once (a backlog),
+/// then its interpretations one at a time, `gap` apart, each confirmed before
+/// the next; when each task was submitted.
+async fn submit_mixed(
+    cfg: &Config,
+    tasks: &[TaskEnvelope],
+    gap: Duration,
+) -> anyhow::Result<HashMap<String, Instant>> {
+    let (backlog, stream): (Vec<TaskEnvelope>, Vec<TaskEnvelope>) =
+        tasks.iter().cloned().partition(|t| t.kind == Kind::Deliberate);
+    let now = Instant::now();
+    submit::publish_all(cfg, &backlog, || {}).await?;
+    let mut submitted: HashMap<String, Instant> = backlog.into_iter().map(|t| (t.id, now)).collect();
+    let conn = amqp::connect(cfg, "flotactl bench").await?;
+    let publisher = amqp::Publisher::open(&conn).await?;
+    let exchange = amqp::Topology::new(&cfg.prefix).tasks_exchange();
+    let first = tokio::time::Instant::now();
+    for (i, t) in stream.iter().enumerate() {
+        // Paced from the first, not from the last: a slow confirm is caught up, not carried.
+        tokio::time::sleep_until(first + gap.mul_f64(i as f64)).await;
+        submitted.insert(t.id.clone(), Instant::now());
+        let props = amqp::task_properties(&t.id, &TraceParent::new_root().header(), 0);
+        publisher.publish(&exchange, t.kind.as_str(), &t.to_json(), props).await?;
+    }
+    let _ = conn.close(200, lapin::types::ShortString::from("done")).await;
+    Ok(submitted)
 }
 
 /// 50 producers at once: half through the API, half straight to RabbitMQ; submit latencies in ms.
@@ -452,6 +542,10 @@ async fn producers(cfg: &Config, api: &str, tasks: &[TaskEnvelope]) -> anyhow::R
 }
 
 pub async fn run(config: &Config, opts: Options) -> anyhow::Result<Vec<Figures>> {
+    anyhow::ensure!(
+        !(opts.scenario == Scenario::Mixed && (opts.ceiling || opts.ceiling_only)),
+        "the ceiling loop makes one GPU call per task: it has nothing to set beside the mixed scenario's deliberations"
+    );
     if let Some(attach) = &opts.attach {
         anyhow::ensure!(
             !opts.ceiling && opts.scenario != Scenario::Scale,
@@ -622,6 +716,10 @@ pub fn medians(runs: &[Figures]) -> Figures {
             .collect(),
         submit_p50_ms: of_some(|f| f.submit_p50_ms),
         submit_p99_ms: of_some(|f| f.submit_p99_ms),
+        interpret_p50_ms: of_some(|f| f.interpret_p50_ms),
+        interpret_p99_ms: of_some(|f| f.interpret_p99_ms),
+        deliberate_p50_ms: of_some(|f| f.deliberate_p50_ms),
+        deliberate_p99_ms: of_some(|f| f.deliberate_p99_ms),
         ceiling_tasks_per_s: of_some(|f| f.ceiling_tasks_per_s),
         ceiling_cpu_s_per_1000: of_some(|f| f.ceiling_cpu_s_per_1000),
         ceiling_switches_per_task: of_some(|f| f.ceiling_switches_per_task),
@@ -638,6 +736,20 @@ fn report(all: &[Figures], json: Option<&std::path::Path>) -> anyhow::Result<Vec
         eprintln!("figures written to {}", path.display());
     }
     Ok(all.to_vec())
+}
+
+/// "interpret 210/260, deliberate 900/1400" where the run had both kinds
+/// (pure); "–" where it had one kind, whose latency is the run's own.
+fn by_kind(f: &Figures) -> String {
+    let kinds = [
+        ("interpret", f.interpret_p50_ms, f.interpret_p99_ms),
+        ("deliberate", f.deliberate_p50_ms, f.deliberate_p99_ms),
+    ];
+    let seen: Vec<String> = kinds
+        .iter()
+        .filter_map(|(name, p50, p99)| Some(format!("{name} {:.0}/{:.0}", (*p50)?, (*p99)?)))
+        .collect();
+    if seen.len() < 2 { "–".into() } else { seen.join(", ") }
 }
 
 fn print(all: &[Figures]) {
@@ -668,6 +780,7 @@ fn print(all: &[Figures]) {
                     None => format!("{:.1}", f.switches_per_task),
                 },
                 opt(f.submit_p99_ms, 1),
+                by_kind(f),
             ]
         })
         .collect();
@@ -688,6 +801,7 @@ fn print(all: &[Figures]) {
             "CPU ×ceiling",
             "switches/task (×ceiling)",
             "submit p99 ms",
+            "p50/p99 ms by kind",
         ],
         &rows,
     );
@@ -707,6 +821,28 @@ mod tests {
         ];
         assert_eq!(local_pids(&workers, "here"), [41, 43]);
         assert!(local_pids(&workers, "nowhere").is_empty());
+    }
+
+    #[test]
+    fn the_mixed_scenario_is_a_backlog_of_deliberations_then_interpretations_at_a_quarter_of_capacity() {
+        let kinds: Vec<bool> = (0..5).map(|i| measured_is_deliberation(Scenario::Mixed, i, 5)).collect();
+        assert_eq!(kinds, [true, true, false, false, false]);
+        assert!((0..3).all(|i| measured_is_deliberation(Scenario::Deliberation, i, 3)));
+        assert!(!(0..3).any(|i| measured_is_deliberation(Scenario::GpuBound, i, 3)));
+        // 32 slots × 200 ms serve 160 a second; a quarter of that is one every 25 ms.
+        assert_eq!(mixed_gap(1, 32), Duration::from_millis(25));
+        assert_eq!(mixed_gap(2, 32), Duration::from_micros(12_500));
+        // Nonsense sizes still give a finite pace, not a division by zero.
+        assert_eq!(mixed_gap(0, 0), Duration::from_millis(800));
+    }
+
+    #[test]
+    fn latency_by_kind_is_shown_only_when_a_run_had_both_kinds() {
+        let mut f =
+            Figures { interpret_p50_ms: Some(210.4), interpret_p99_ms: Some(260.0), ..Default::default() };
+        assert_eq!(by_kind(&f), "–");
+        (f.deliberate_p50_ms, f.deliberate_p99_ms) = (Some(900.0), Some(1400.2));
+        assert_eq!(by_kind(&f), "interpret 210/260, deliberate 900/1400");
     }
 
     #[test]
