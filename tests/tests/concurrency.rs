@@ -127,7 +127,8 @@ fn unacked_on_work_queues(env: &TestEnv) -> u64 {
 
 /// Both queues backed up before a worker with `FLOTA_CONCURRENCY=4` starts:
 /// its consumers share the prefetch (`credit.rs`), so RabbitMQ never counts
-/// more than 4 + 1 of its deliveries unacknowledged (one prefetch per queue
+/// more than 4 + 1 (the slack: an eighth, at least one) of its deliveries
+/// unacknowledged (one prefetch per queue
 /// held 8: 4 running, 4 waiting for a slot that another replica could have
 /// run). Every task still succeeds, once: neither kind is starved.
 ///
@@ -168,13 +169,18 @@ async fn both_queues_backed_up_share_the_prefetch_and_both_progress() {
     }
     assert!(samples.iter().any(|n| *n > 0), "the samples saw the worker holding tasks: {samples:?}");
     let most = samples.iter().copied().max().unwrap_or(0);
-    assert!(most <= CONCURRENCY + 1, "held {most} unacked with FLOTA_CONCURRENCY={CONCURRENCY}: {samples:?}");
+    // The slack of `credit.rs` at this concurrency: an eighth of it, at least one.
+    const SLACK: u64 = 1;
+    assert!(
+        most <= CONCURRENCY + SLACK,
+        "held {most} unacked with FLOTA_CONCURRENCY={CONCURRENCY}: {samples:?}"
+    );
     // The worker shows its shares: both queues consumed, within the same bound.
     let scrape = reqwest::get(format!("{}/metrics", worker.url())).await.unwrap().text().await.unwrap();
     let share =
         |kind: &str| flota_tests::metric_sample(&scrape, &format!("flota_prefetch{{kind=\"{kind}\"}}"));
     let (interpret, deliberate) = (share("interpret"), share("deliberate"));
     assert!(interpret >= 1.0 && deliberate >= 1.0, "{scrape}");
-    assert!(interpret + deliberate <= (CONCURRENCY + 1) as f64, "{scrape}");
+    assert!(interpret + deliberate <= (CONCURRENCY + SLACK) as f64, "{scrape}");
     env.cleanup().await;
 }

@@ -156,8 +156,9 @@ async fn session(
         // several times (memcpy was ~5 % of a worker's instructions); a box moves once.
         tracker.spawn(Box::pin(async move {
             let Taken { kind, delivery, channel, in_flight: _in_flight } = taken;
-            // The lanes may hold one delivery beyond the concurrency (the headroom of
-            // the kind that is not saturated): it waits here for a slot, off the loop.
+            // The lanes may hold a few deliveries beyond the concurrency (what the kind
+            // that is not saturated keeps and does not use): they wait here for a slot,
+            // off the loop.
             let permit = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => None,
