@@ -179,7 +179,8 @@ fn both_saturated(c: u16, interpret: u16, deliberate: u16) -> [u16; 2] {
 
 /// One kind saturated, the other not: the other keeps what it used plus one
 /// (or its credit, when that is within the slack and it is in use), the
-/// saturated one the rest, and never less than it has. A kind with nothing in
+/// saturated one all but what the other used, and never less than it has.
+/// The two may sum to more than the concurrency, by the slack at most. A kind with nothing in
 /// flight keeps only its base lane, or one deliberation that came and went
 /// would keep a grain from the interpretations for good.
 fn busy_and_idle(c: u16, busy: &KindLoad, idle: &KindLoad) -> (u16, u16) {
