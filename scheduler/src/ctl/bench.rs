@@ -357,13 +357,14 @@ async fn workload(
     let tasks: Vec<_> =
         (0..n).map(|i| task(i, &target.run, "m", measured_is_deliberation(scenario, i, n))).collect();
     let started = Instant::now();
-    // The mixed scenario's interpretations arrive over the whole run: its results are
-    // collected while it submits. The others submit first, as they always have, so
-    // that their figures stay comparable with earlier runs' (the bench's own reading
-    // of results competes with the fleet for this machine's two cores).
+    // In the mixed and producers scenarios tasks arrive over the whole run: their
+    // results are collected while they submit, so that each latency runs from the
+    // task's own submit to its result. The others submit first, as they always have,
+    // so that their figures stay comparable with earlier runs' (the bench's own
+    // reading of results competes with the fleet for this machine's two cores).
     let submitting = async {
         match scenario {
-            Scenario::Producers => anyhow::Ok((HashMap::new(), producers(cfg, &api, &tasks).await?)),
+            Scenario::Producers => anyhow::Ok(producers(cfg, &api, &tasks).await?),
             Scenario::Mixed => {
                 anyhow::Ok((submit_mixed(cfg, &tasks, mixed_gap(workers, concurrency)).await?, Vec::new()))
             }
@@ -396,11 +397,12 @@ async fn workload(
         }
         anyhow::Ok((arrivals, run_ms))
     };
-    let ((submitted, mut submit_ms), (arrivals, mut run_ms)) = if scenario == Scenario::Mixed {
-        tokio::try_join!(submitting, collecting)?
-    } else {
-        (submitting.await?, collecting.await?)
-    };
+    let ((submitted, mut submit_ms), (arrivals, mut run_ms)) =
+        if matches!(scenario, Scenario::Mixed | Scenario::Producers) {
+            tokio::try_join!(submitting, collecting)?
+        } else {
+            (submitting.await?, collecting.await?)
+        };
     let deliberations: std::collections::HashSet<&str> =
         tasks.iter().filter(|t| t.kind == Kind::Deliberate).map(|t| t.id.as_str()).collect();
     let (mut latencies, mut interpret_ms, mut deliberate_ms) =
@@ -497,34 +499,66 @@ async fn submit_mixed(
     let now = Instant::now();
     submit::publish_all(cfg, &backlog, || {}).await?;
     let mut submitted: HashMap<String, Instant> = backlog.into_iter().map(|t| (t.id, now)).collect();
-    let conn = amqp::connect(cfg, "flotactl bench").await?;
-    let publisher = amqp::Publisher::open(&conn).await?;
-    let exchange = amqp::Topology::new(&cfg.prefix).tasks_exchange();
+    let producer = Producer::open(cfg).await?;
     let first = tokio::time::Instant::now();
     for (i, t) in stream.iter().enumerate() {
         // Paced from the first, not from the last: a slow confirm is caught up, not carried.
         tokio::time::sleep_until(first + gap.mul_f64(i as f64)).await;
         submitted.insert(t.id.clone(), Instant::now());
-        let props = amqp::task_properties(&t.id, &TraceParent::new_root().header(), 0);
-        publisher.publish(&exchange, t.kind.as_str(), &t.to_json(), props).await?;
+        producer.publish(t).await?;
     }
-    let _ = conn.close(200, lapin::types::ShortString::from("done")).await;
+    producer.close().await;
     Ok(submitted)
 }
 
-/// 50 producers at once: half through the API, half straight to RabbitMQ; submit latencies in ms.
-async fn producers(cfg: &Config, api: &str, tasks: &[TaskEnvelope]) -> anyhow::Result<Vec<f64>> {
+/// One producer's own AMQP connection, as a real producer keeps one: tasks
+/// published one at a time, each confirmed before `publish` returns.
+struct Producer {
+    conn: lapin::Connection,
+    publisher: amqp::Publisher,
+    exchange: String,
+}
+
+impl Producer {
+    async fn open(cfg: &Config) -> anyhow::Result<Producer> {
+        let conn = amqp::connect(cfg, "flotactl bench producer").await?;
+        let publisher = amqp::Publisher::open(&conn).await?;
+        Ok(Producer { conn, publisher, exchange: amqp::Topology::new(&cfg.prefix).tasks_exchange() })
+    }
+
+    async fn publish(&self, t: &TaskEnvelope) -> anyhow::Result<()> {
+        let props = amqp::task_properties(&t.id, &TraceParent::new_root().header(), 0);
+        Ok(self.publisher.publish(&self.exchange, t.kind.as_str(), &t.to_json(), props).await?)
+    }
+
+    async fn close(self) {
+        let _ = self.conn.close(200, lapin::types::ShortString::from("done")).await;
+    }
+}
+
+/// 50 producers at once, each with a connection of its own, submitting one
+/// task at a time: half through the API, half straight to RabbitMQ. When each
+/// task was submitted, and how long each submit took (ms).
+async fn producers(
+    cfg: &Config,
+    api: &str,
+    tasks: &[TaskEnvelope],
+) -> anyhow::Result<(HashMap<String, Instant>, Vec<f64>)> {
     let chunks: Vec<Vec<TaskEnvelope>> =
         tasks.chunks(tasks.len().div_ceil(50).max(1)).map(|c| c.to_vec()).collect();
-    let http = reqwest::Client::new();
     let runs = chunks.into_iter().enumerate().map(|(i, chunk)| {
-        let (http, cfg) = (http.clone(), cfg.clone());
+        let cfg = cfg.clone();
         let api = api.to_string();
         async move {
-            let mut ms = Vec::new();
+            let (mut submitted, mut ms) = (Vec::new(), Vec::new());
+            let (http, amqp) = if i % 2 == 0 {
+                (Some(reqwest::Client::new()), None)
+            } else {
+                (None, Some(Producer::open(&cfg).await?))
+            };
             for t in chunk {
                 let at = Instant::now();
-                if i % 2 == 0 {
+                if let Some(http) = &http {
                     let r = http
                         .post(format!("{api}/v1/tasks"))
                         .body(t.to_json())
@@ -532,19 +566,25 @@ async fn producers(cfg: &Config, api: &str, tasks: &[TaskEnvelope]) -> anyhow::R
                         .send()
                         .await?;
                     anyhow::ensure!(r.status().as_u16() == 202, "API submit answered {}", r.status());
-                } else {
-                    submit::publish_all(&cfg, std::slice::from_ref(&t), || {}).await?;
+                } else if let Some(producer) = &amqp {
+                    producer.publish(&t).await?;
                 }
                 ms.push(at.elapsed().as_secs_f64() * 1000.0);
+                submitted.push((t.id, at));
             }
-            anyhow::Ok(ms)
+            if let Some(producer) = amqp {
+                producer.close().await;
+            }
+            anyhow::Ok((submitted, ms))
         }
     });
-    let mut all = Vec::new();
+    let (mut submitted, mut all) = (HashMap::new(), Vec::new());
     for r in futures::future::join_all(runs).await {
-        all.extend(r?);
+        let (at, ms) = r?;
+        submitted.extend(at);
+        all.extend(ms);
     }
-    Ok(all)
+    Ok((submitted, all))
 }
 
 pub async fn run(config: &Config, opts: Options) -> anyhow::Result<Vec<Figures>> {
