@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 use flota_shared::amqp;
 use flota_shared::config::Config;
 use flota_shared::envelope::{Kind, TaskEnvelope};
-use flota_shared::telemetry::TraceParent;
 
 use super::demo::{percentile, tap};
 use super::{ceiling, submit};
@@ -527,8 +526,7 @@ impl Producer {
     }
 
     async fn publish(&self, t: &TaskEnvelope) -> anyhow::Result<()> {
-        let props = amqp::task_properties(&t.id, &TraceParent::new_root().header(), 0);
-        Ok(self.publisher.publish(&self.exchange, t.kind.as_str(), &t.to_json(), props).await?)
+        Ok(submit::publish_task(&self.publisher, &self.exchange, t).await?)
     }
 
     async fn close(self) {

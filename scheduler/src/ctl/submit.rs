@@ -118,6 +118,17 @@ pub async fn publish_all(
     }
 }
 
+/// Publish one task to the tasks exchange under its kind, with a new trace;
+/// returns once the broker confirmed it.
+pub async fn publish_task(
+    publisher: &Publisher,
+    exchange: &str,
+    t: &TaskEnvelope,
+) -> Result<(), amqp::PublishError> {
+    let props = amqp::task_properties(&t.id, &TraceParent::new_root().header(), 0);
+    publisher.publish(exchange, t.kind.as_str(), &t.to_json(), props).await
+}
+
 /// One connection's worth of `publish_all`: the unconfirmed tasks, in order.
 async fn publish_session(
     config: &Config,
@@ -141,12 +152,8 @@ async fn publish_session(
         Ok(())
     };
     for i in pending {
-        let t = &tasks[i];
-        let (publisher, exchange) = (publisher.clone(), exchange.clone());
-        let body = t.to_json();
-        let props = amqp::task_properties(&t.id, &TraceParent::new_root().header(), 0);
-        let kind = t.kind.as_str();
-        window.push(async move { (i, publisher.publish(&exchange, kind, &body, props).await) });
+        let (publisher, exchange) = (&publisher, &exchange);
+        window.push(async move { (i, publish_task(publisher, exchange, &tasks[i]).await) });
         while window.len() >= WINDOW {
             if let Some(r) = window.next().await {
                 settle(r)?;
