@@ -79,7 +79,7 @@ pub fn plan(concurrency: u16, draining: u16, interpret: &KindLoad, deliberate: &
     let c = concurrency.max(1);
     let loads = [(Kind::Interpret, interpret), (Kind::Deliberate, deliberate)];
     let targets = targets(c, interpret, deliberate);
-    let slack = (c / 8).max(1);
+    let slack = eighth(c);
     let mut steps = Vec::new();
 
     // Shrink first: what a cancelled lane had in flight stays counted in `draining`.
@@ -100,7 +100,7 @@ pub fn plan(concurrency: u16, draining: u16, interpret: &KindLoad, deliberate: &
     let deficits: Vec<u16> =
         loads.iter().zip(targets).map(|((_, l), t)| t.saturating_sub(l.credit())).collect();
     let wanting = deficits.iter().filter(|d| **d > 0).count() as u16;
-    let grain = (c / 8).max(1);
+    let grain = eighth(c);
     let mut grants = [0u16; 2];
     if let Some(share) = room.checked_div(wanting) {
         // An even share of the room first, then what one kind leaves to the other.
@@ -130,6 +130,13 @@ pub fn plan(concurrency: u16, draining: u16, interpret: &KindLoad, deliberate: &
     steps
 }
 
+/// An eighth of the concurrency, at least 1: the size of a lane added (the
+/// grain) and how far a share may sit from its target before lanes are
+/// cancelled (the slack).
+fn eighth(c: u16) -> u16 {
+    (c / 8).max(1)
+}
+
 /// Each kind's share of the concurrency (0 for a kind that may not be consumed).
 fn targets(c: u16, interpret: &KindLoad, deliberate: &KindLoad) -> [u16; 2] {
     match (interpret.available, deliberate.available) {
@@ -157,7 +164,7 @@ fn targets(c: u16, interpret: &KindLoad, deliberate: &KindLoad) -> [u16; 2] {
 /// gives back only what the other takes.
 fn both_saturated(c: u16, interpret: u16, deliberate: u16) -> [u16; 2] {
     let halves = [c - c / 2, (c / 2).max(1)];
-    let grain = (c / 8).max(1);
+    let grain = eighth(c);
     let credits = [interpret, deliberate];
     let mut t = [0u16; 2];
     for k in 0..2 {
@@ -185,7 +192,7 @@ fn both_saturated(c: u16, interpret: u16, deliberate: u16) -> [u16; 2] {
 /// would keep a grain from the interpretations for good.
 fn busy_and_idle(c: u16, busy: &KindLoad, idle: &KindLoad) -> (u16, u16) {
     let used = idle.peak + 1;
-    let slack = (c / 8).max(1);
+    let slack = eighth(c);
     let idle_share = if idle.credit() >= used + slack || idle.peak == 0 { used } else { idle.credit() };
     // The busy kind gets what the other really used, not what it keeps: the other's
     // headroom and what it keeps within the slack would otherwise stand idle while
@@ -390,7 +397,7 @@ mod tests {
     #[test]
     fn no_plan_holds_more_than_the_concurrency_plus_the_slack() {
         for c in [1u16, 2, 3, 5, 8, 32, 64] {
-            let slack = (c / 8).max(1);
+            let slack = eighth(c);
             for i_lanes in [vec![], vec![1], vec![3, 3], vec![c.saturating_sub(1).max(1)]] {
                 for d_lanes in [vec![], vec![2], vec![c / 2 + 1]] {
                     for draining in [0, 1, c / 2] {
